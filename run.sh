@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# bash run.sh [ARGS...]   set up .venv if needed, run the tiny experiment (ARGS go to reminder.py)
+# bash run.sh test        same set-up, then the test suite
+# bash run.sh bench       same set-up, then the speed benchmark
+set -euo pipefail
+cd "$(dirname "$0")"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=.venv/bin/python
+# Re-install only when requirements.txt changed since the last install.
+if [ ! -x "$PY" ] || ! cmp -s requirements.txt .venv/.requirements.installed; then
+  python3 -m venv .venv
+  "$PY" -m pip install --quiet --upgrade pip
+  "$PY" -m pip install --quiet -r requirements.txt
+  cp requirements.txt .venv/.requirements.installed
+fi
+case "${1:-}" in
+  test) shift; exec "$PY" -m pytest -q test_reminder.py "$@" ;;
+  bench) shift; exec "$PY" reminder.py --bench "$@" ;;
+  *) exec "$PY" reminder.py "$@" ;;
+esac
