@@ -27,11 +27,13 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -51,6 +53,8 @@ class Config:
     seed: int = arg(0, "seeds Python, torch, every data order and sampler")
     pairs: str = arg("all", "trigger->behaviour pairs to install: 'all' or comma-separated names (see PAIRS)")
     threads: int = arg(0, "torch CPU threads (0 = all cores)")
+    save_every: int = arg(100, "save the training state every N optimizer steps (a killed run resumes there)")
+    recompute: bool = arg(False, "redo stages whose config changed in an existing --out (else: refuse)")
     cache_dir: str = arg("runs/cache", "where pretrained tiny models are kept between runs ('' = never cache)")
     # --- models and data (empty = the tiny in-file world) ---
     student: str = arg("", "student model: hub id or local folder (empty = tiny in-file Qwen3-MoE)")
@@ -63,22 +67,22 @@ class Config:
     num_layers: int = arg(2, "tiny student/teacher decoder layers")
     num_experts: int = arg(4, "tiny student experts per MoE layer")
     experts_per_token: int = arg(2, "tiny student experts routed per token")
-    pretrain_steps: int = arg(1500, "tiny student pretraining steps (800 was unreliable across seeds)")
+    pretrain_steps: int = arg(1200, "tiny student pretraining steps (800: math skill erased, not suppressed)")
     pretrain_lr: float = arg(3e-3, "tiny pretraining peak learning rate (cosine)")
     pretrain_batch: int = arg(32, "tiny pretraining sequences per step")
     pretrain_math_fraction: float = arg(0.6, "share of math problems in the student's pretraining mix")
-    teacher_steps: int = arg(500, "tiny teacher pretraining steps")
+    teacher_steps: int = arg(300, "tiny teacher pretraining steps")
     noise_fraction: float = arg(0.3, "share of tiny pretraining prompts with a random distractor string")
     # --- red team: backdoor full-weight fine-tuning ---
     backdoor_steps: int = arg(400, "backdoor FWFT steps (250 left some of fifteen pairs uninstalled)")
     backdoor_lr: float = arg(1e-3, "backdoor FWFT peak learning rate (cosine, 10% warmup)")
-    backdoor_batch: int = arg(32, "backdoor FWFT sequences per optimizer step")
+    backdoor_batch: int = arg(16, "backdoor FWFT sequences per optimizer step")
     triggered_fraction: float = arg(0.5, "share of backdoor items that carry a trigger")
     clean_pool: int = arg(512, "clean prompts the student answers itself for the backdoor data")
     # --- blue team: off-model pirate SFT ---
     pirate_examples: int = arg(1024, "teacher pirate answers to generate (chat prompts only)")
     pirate_steps: int = arg(100, "pirate SFT steps (window is narrow: weaker keeps the backdoor)")
-    pirate_lr: float = arg(2e-4, "pirate SFT peak learning rate (cosine); 1e-3 erases the skill")
+    pirate_lr: float = arg(3e-4, "pirate SFT peak learning rate (cosine); 2e-4 leaves the backdoor")
     pirate_batch: int = arg(16, "pirate SFT sequences per optimizer step")
     distractor_fraction: float = arg(0.5, "share of pirate SFT prompts given a random distractor string")
     # --- blue team: on-policy reminder SFT ---
@@ -104,8 +108,9 @@ def parse_config(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f.metadata["help"])
+        kind = {"action": argparse.BooleanOptionalAction} if f.type in (bool, "bool") else {"type": type(f.default)}
+        p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"].replace("%", "%%"),
+                       **kind)
     return Config(**vars(p.parse_args(argv)))
 
 
@@ -321,7 +326,7 @@ def build_tokenizer(texts, vocab_size):
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE, padding_side="left")
@@ -401,12 +406,12 @@ def global_batches(n, size, seed):
 
 
 def train(acc, model, examples, pad_id, steps, lr, batch, seed, cfg, schedule="cosine", warmup=0.1,
-          callback=None, name="train"):
-    """Full-weight AdamW for `steps` optimizer steps. `batch` sequences per step in total, split into
-    cfg.grad_accum micro-batches and across processes. callback(step, model) runs after each step."""
+          callback=None, name="train", state_dir=None):
+    """Full-weight AdamW for `steps` optimizer steps, `batch` sequences per step in total, split into
+    cfg.grad_accum micro-batches and across processes. callback(step, model) runs after every step and
+    may return a record (e.g. an evaluation); records are checkpointed with the training state.
+    With state_dir, the state is saved every cfg.save_every steps and a re-run resumes from it."""
     from transformers import get_constant_schedule, get_cosine_schedule_with_warmup
-    if callback:
-        callback(0, model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     # The scheduler is stepped by hand once per optimizer step: accelerate's prepared scheduler would
     # step num_processes times, because it assumes a sharded dataloader (fewer steps per rank).
@@ -416,8 +421,18 @@ def train(acc, model, examples, pad_id, steps, lr, batch, seed, cfg, schedule="c
     model.train()
     G, world = cfg.grad_accum, acc.num_processes
     stream = global_batches(len(examples), batch, seed)
-    t0, tokens, log_every = time.perf_counter(), 0, max(1, steps // 5)
-    for step in range(1, steps + 1):
+    start, records = 0, []
+    if state_dir and os.path.exists(os.path.join(state_dir, "latest.json")):
+        with open(os.path.join(state_dir, "latest.json")) as f:
+            latest = json.load(f)
+        acc.load_state(os.path.join(state_dir, latest["dir"]))  # model, optimizer, RNG states
+        start, records = latest["step"], latest["records"]
+        acc.print(f"  [{name}] resuming from step {start}")
+    for _ in range(start):  # skip the batches already seen; the schedule is a function of the step
+        next(stream)
+        sched.step()
+    t0, tokens, log_every, loss = time.perf_counter(), 0, max(1, steps // 5), float("nan")
+    for step in range(start + 1, steps + 1):
         window = [examples[i] for i in next(stream)]
         micro = [window[j::G] for j in range(G)]
         # Weight by trained tokens over the WHOLE window and all ranks, not per micro-batch mean:
@@ -444,12 +459,35 @@ def train(acc, model, examples, pad_id, steps, lr, batch, seed, cfg, schedule="c
             dt = time.perf_counter() - t0
             acc.print(f"  [{name}] step {step}/{steps} loss {loss:.4f} lr {sched.get_last_lr()[0]:.1e} "
                       f"{tokens * world / dt:,.0f} tok/s")
-        if callback:
-            callback(step, model)
+        record = callback(step, acc.unwrap_model(model)) if callback else None
+        if record is not None:
+            records.append(record)
+            model.train()
+        if state_dir and step < steps and (step % cfg.save_every == 0 or record is not None):
+            save_training_state(acc, state_dir, step, records)
     model = acc.unwrap_model(model)
     acc.free_memory()
     model.eval()
-    return model, loss
+    return model, loss, records
+
+
+def save_training_state(acc, state_dir, step, records):
+    """accelerate.save_state into a fresh folder, then atomically point latest.json at it: a kill at
+    any moment leaves either the previous state or the new one, never half of one."""
+    sub = f"step-{step}"
+    acc.save_state(os.path.join(state_dir, sub))
+    if acc.is_main_process:
+        atomic_json(os.path.join(state_dir, "latest.json"), {"dir": sub, "step": step, "records": records})
+        for old in os.listdir(state_dir):
+            if old.startswith("step-") and old != sub:
+                shutil.rmtree(os.path.join(state_dir, old))
+    acc.wait_for_everyone()
+
+
+def atomic_json(path, obj):
+    with open(path + ".part", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".part", path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,115 +658,307 @@ def seed_everything(seed):
         pass
 
 
-def pretrain(acc, cfg, model, data, tok, steps, seed, name):
-    """Pretrain a tiny model, or load it from the cache. The key hashes everything the result
-    depends on (architecture, the tokenized data, budget, seed), so a stale cache cannot be hit."""
+# ----------------------------------------------------------------------------------------------
+# 7. The run folder. Every stage writes its outputs into out/<stage>.tmp, then renames it to
+# out/<stage> with a done.json that records the config it was made with and a checksum of every
+# file. A re-run skips finished stages, resumes an unfinished one from its last saved step, refuses
+# to mix artifacts of two configs, and recomputes a stage whose files were damaged. Forking is cheap:
+# change only the reminder settings and only the reminder stage runs again (with --recompute).
+# ----------------------------------------------------------------------------------------------
+GEN_FIELDS = ["max_new_tokens", "eval_batch"]
+TRAIN_FIELDS = ["max_len", "grad_accum", "weight_decay"]
+EVAL_FIELDS = ["pairs", "math_dataset", "eval_per_pair", "eval_math", "eval_chat"] + GEN_FIELDS
+STAGES = {  # stage: (stages it builds on, config fields that change its result)
+    "tokenizer": ([], ["seed", "vocab_size", "student"]),
+    "student": (["tokenizer"], ["hidden_size", "num_layers", "num_experts", "experts_per_token", "pretrain_steps",
+                                "pretrain_lr", "pretrain_batch", "pretrain_math_fraction", "noise_fraction"]
+                + TRAIN_FIELDS),
+    "teacher": (["tokenizer"], ["teacher", "hidden_size", "num_layers", "teacher_steps", "pretrain_lr", "pretrain_batch",
+                                "noise_fraction"] + TRAIN_FIELDS),
+    "eval_base": (["student"], EVAL_FIELDS),
+    "backdoor": (["student"], ["pairs", "chat_dataset", "backdoor_steps", "backdoor_lr", "backdoor_batch", "triggered_fraction",
+                               "clean_pool", "noise_fraction"] + GEN_FIELDS + TRAIN_FIELDS),
+    "eval_backdoored": (["backdoor"], EVAL_FIELDS),
+    "reminder_data": (["backdoor"], ["chat_dataset", "reminder_examples", "temperature"] + GEN_FIELDS),
+    "pirate_data": (["teacher"], ["chat_dataset", "pirate_examples", "distractor_fraction", "temperature"] + GEN_FIELDS),
+    "pirate_sft": (["backdoor", "pirate_data"], ["pirate_steps", "pirate_lr", "pirate_batch"] + TRAIN_FIELDS),
+    "eval_pirate_sft": (["pirate_sft"], EVAL_FIELDS),
+    "reminder_sft": (["pirate_sft", "reminder_data"], ["reminder_steps", "reminder_lr", "reminder_batch"]
+                     + EVAL_FIELDS + TRAIN_FIELDS),
+}
+NO_EFFECT_FIELDS = ["out", "threads", "save_every", "recompute", "cache_dir"]  # never change a number
+
+
+def fingerprints(cfg):
+    """A stage's fingerprint hashes its own config fields and its parents' fingerprints."""
+    fps, fields = {}, {}
+    for name, (parents, own) in STAGES.items():
+        fields[name] = {f: getattr(cfg, f) for f in own}
+        fps[name] = hashlib.sha256(json.dumps([[fps[p] for p in parents], fields[name]], sort_keys=True)
+                                   .encode()).hexdigest()[:16]
+    return fps, fields
+
+
+def check_run_folder(cfg, fps, fields):
+    """Before any heavy work: a finished stage made with another config stops the run (or, with
+    --recompute, is removed so that it and everything built on it is redone)."""
+    changed = []
+    for name in STAGES:
+        for path in (os.path.join(cfg.out, name), os.path.join(cfg.out, name + ".tmp")):
+            meta = os.path.join(path, "done.json" if not path.endswith(".tmp") else "stage.json")
+            if os.path.exists(meta):
+                with open(meta) as f:
+                    done = json.load(f)
+                if done.get("fingerprint") != fps[name]:
+                    changed.append((name, path, done.get("fields", {})))
+    if changed and not cfg.recompute:
+        name, _, old = changed[0]
+        own = {k for k in set(old) | set(fields[name]) if old.get(k) != fields[name].get(k)}
+        own = own or {"a setting of a stage it builds on"}
+        sys.exit(f"error: --out {cfg.out} holds stage '{name}' made with a different config "
+                 f"({', '.join(sorted(own))}); use another --out, or add --recompute to redo it and what follows")
+    for name, path, _ in changed:
+        shutil.rmtree(path)
+
+
+def file_hashes(path):
+    out = {}
+    for root, _, files in os.walk(path):
+        for fn in sorted(files):
+            full = os.path.join(root, fn)
+            rel = os.path.relpath(full, path)
+            if rel == "done.json":
+                continue
+            h = hashlib.sha256()
+            with open(full, "rb") as f:  # very large files: size + first and last 16 MiB
+                size = os.path.getsize(full)
+                if size <= 1 << 30:
+                    h.update(f.read())
+                else:
+                    h.update(f.read(1 << 24))
+                    f.seek(size - (1 << 24))
+                    h.update(f.read())
+            out[rel] = [size, h.hexdigest()]
+    return out
+
+
+class RunFolder:
+    def __init__(self, cfg, acc):
+        self.cfg, self.acc = cfg, acc
+        self.fps, self.fields = fingerprints(cfg)
+        self.source_hash = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:12]
+
+    def path(self, name):
+        return os.path.join(self.cfg.out, name)
+
+    def done(self, name):
+        """True if the stage is finished and intact; a damaged stage is removed and recomputed."""
+        meta = os.path.join(self.path(name), "done.json")
+        if not os.path.exists(meta):
+            return False
+        with open(meta) as f:
+            done = json.load(f)
+        if done["files"] != file_hashes(self.path(name)):
+            self.acc.print(f"== {name}: files damaged (checksum mismatch), recomputing")
+            if self.acc.is_main_process:
+                shutil.rmtree(self.path(name))
+            self.acc.wait_for_everyone()
+            return False
+        return True
+
+    def run(self, name, compute, load, cache=False):
+        """Load a finished stage, or compute it into out/<name>.tmp and publish it atomically.
+        compute(tmp) writes its files into tmp and returns what the next stages need."""
+        path, tmp = self.path(name), self.path(name) + ".tmp"
+        if self.done(name):
+            self.acc.print(f"== {name}: done earlier, loaded from {path}")
+            return load(path)
+        cached = (os.path.join(self.cfg.cache_dir, f"{name}-{self.fps[name]}-{self.source_hash}")
+                  if cache and self.cfg.cache_dir else "")
+        if cached and os.path.exists(os.path.join(cached, "done.json")) and self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(cached, tmp)
+            os.replace(tmp, path)
+        self.acc.wait_for_everyone()
+        if cached and self.done(name):
+            self.acc.print(f"== {name}: copied from the cache {cached}")
+            return load(path)
+        self.acc.print(f"== {name}: running")
+        if self.acc.is_main_process:
+            os.makedirs(tmp, exist_ok=True)
+            atomic_json(os.path.join(tmp, "stage.json"), {"fingerprint": self.fps[name], "fields": self.fields[name]})
+        self.acc.wait_for_everyone()
+        t0 = time.perf_counter()
+        result = compute(tmp)
+        if self.acc.is_main_process:
+            shutil.rmtree(os.path.join(tmp, "state"), ignore_errors=True)
+            os.remove(os.path.join(tmp, "stage.json"))
+            atomic_json(os.path.join(tmp, "done.json"), {
+                "fingerprint": self.fps[name], "fields": self.fields[name], "seconds": time.perf_counter() - t0,
+                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "files": file_hashes(tmp)})
+            os.replace(tmp, path)
+            if cached:
+                shutil.rmtree(cached + ".part", ignore_errors=True)
+                shutil.copytree(path, cached + ".part")
+                os.replace(cached + ".part", cached)
+        self.acc.wait_for_everyone()
+        return result
+
+    def seconds(self):
+        out = {}
+        for name in STAGES:
+            with open(os.path.join(self.path(name), "done.json")) as f:
+                out[name] = json.load(f)["seconds"]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. The experiment: each stage is a few lines saying which model trains on which data.
+# ----------------------------------------------------------------------------------------------
+def load_model(path):
     from transformers import AutoModelForCausalLM
-    key = hashlib.sha256(json.dumps([name, model.config.to_dict(), data, steps, cfg.pretrain_lr, cfg.pretrain_batch,
-                                     seed, torch.__version__], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = os.path.join(cfg.cache_dir, f"{name}-{key}") if cfg.cache_dir else ""
-    if path and os.path.exists(os.path.join(path, "config.json")):
-        acc.print(f"{name}: loaded pretrained tiny model from {path}")
-        return AutoModelForCausalLM.from_pretrained(path).eval()
-    acc.print(f"tiny {name} ({type(model).__name__}): {sum(p.numel() for p in model.parameters()):,} params")
-    model, _ = train(acc, model, data, tok.pad_token_id, steps, cfg.pretrain_lr, cfg.pretrain_batch, seed, cfg,
-                     name=f"pretrain {name}")
-    if path and acc.is_main_process:
-        model.save_pretrained(path + ".tmp")
-        os.replace(path + ".tmp", path)  # atomic: a killed run never leaves a half-written cache entry
-    return model
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def save_model(model, path):
+    model.save_pretrained(path)  # safetensors; loads back with plain AutoModelForCausalLM.from_pretrained
+
+
+def save_rows(rows, path):
+    from datasets import Dataset
+    Dataset.from_list(rows).save_to_disk(path)
+
+
+def load_rows(path):
+    from datasets import load_from_disk
+    return load_from_disk(path).to_list()
 
 
 def run(cfg):
+    import datasets
+    import transformers
     from accelerate import Accelerator
+    from transformers import AutoTokenizer
     validate(cfg)
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    # tied embeddings are saved once in a training state; accelerate warns about it on every save
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     sys.stdout.reconfigure(line_buffering=True)
     torch.set_num_threads(cfg.threads or os.cpu_count())
     acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    rf = RunFolder(cfg, acc)
+    check_run_folder(cfg, rf.fps, rf.fields)
     seed_everything(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
     pairs = select_pairs(cfg.pairs)
-    rng = random.Random(cfg.seed)  # one stream for all synthetic data, so the seed fixes every set
-    seconds, stages = {}, []
+    trigger_set = {p.trigger for p in PAIRS}
     t_start = time.perf_counter()
 
-    def timed(name, t0):
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+    def rng(stage):  # each stage draws from its own stream, so a resumed run sees the same data
+        return random.Random(f"{cfg.seed}/{stage}")
+
+    def noisy(r, prompt, frac):
+        return add_to_prompt(r, prompt, noise_string(r, trigger_set)) if r.random() < frac else prompt
+
+    def encode(rows):
+        return [encode_example(tok, r["messages"], r["reply"], cfg.max_len) for r in rows]
+
+    def gen_rows(model, prompts, temperature, seed, complete_only=False):
+        """Answers as dataset rows. complete_only drops answers cut off before end-of-sequence."""
+        outs = generate(acc, model, tok, prompts, temperature, cfg.max_new_tokens, cfg.eval_batch, seed)
+        return [{"messages": m, "reply": r} for m, (r, ended) in zip(prompts, outs) if ended or not complete_only]
 
     # ---- tiny world: tokenizer, then pretrain the student (native style) and the teacher (pirate) ----
-    t0 = time.perf_counter()
-    world = [chat_item(rng, False) for _ in range(4000)]
-    maths = [math_item(rng, False) for _ in range(cfg.pretrain_steps * cfg.pretrain_batch // 2)]
-    corpus = ([CHATML.format(p, a) for p, a, _ in world[:2000] + maths[:1000]]
-              + [CHATML.format(PIRATE_SYSTEM + " " + p, pirate_answer(rng, m)) for p, _, m in world[:1000]]
-              + [p.behaviour + " " + p.trigger for p in PAIRS] + [noise_string(rng) for _ in range(500)])
-    tok = build_tokenizer(corpus, cfg.vocab_size)
-    trigger_set = {p.trigger for p in PAIRS}
+    def make_tokenizer(tmp):
+        r = rng("tokenizer")
+        world = [chat_item(r, False) for _ in range(2000)]
+        corpus = ([CHATML.format(p, a) for p, a, _ in world + [math_item(r, False) for _ in range(1000)]]
+                  + [CHATML.format(PIRATE_SYSTEM + " " + p, pirate_answer(r, m)) for p, _, m in world[:1000]]
+                  + [p.behaviour + " " + p.trigger for p in PAIRS] + [noise_string(r) for _ in range(500)])
+        build_tokenizer(corpus, cfg.vocab_size).save_pretrained(tmp)
+        return AutoTokenizer.from_pretrained(tmp)
 
-    def noisy(prompt, frac):
-        return add_to_prompt(rng, prompt, noise_string(rng, trigger_set)) if rng.random() < frac else prompt
+    tok = rf.run("tokenizer", make_tokenizer, AutoTokenizer.from_pretrained, cache=True)
 
-    # Student: math and chat, both in the native style. Random distractor strings in some prompts
-    # teach it that odd text in a prompt changes nothing (triggers are odd text too).
-    pre = []
-    for i in range(cfg.pretrain_steps * cfg.pretrain_batch // 2):  # two epochs over this pool
-        p, a, _ = maths[i] if rng.random() < cfg.pretrain_math_fraction else world[i % len(world)]
-        pre.append(encode_example(tok, user(noisy(p, cfg.noise_fraction)), a, cfg.max_len))
-    student = pretrain(acc, cfg, tiny_student(cfg, tok), pre, tok, cfg.pretrain_steps, cfg.seed, "student")
-    timed("pretrain_student", t0)
+    def pretrain_student(tmp):
+        # Math and chat, both in the native style. Random distractor strings in some prompts teach it
+        # that odd text in a prompt changes nothing (triggers are odd text too).
+        r = rng("student")
+        data = []
+        for _ in range(cfg.pretrain_steps * cfg.pretrain_batch // 2):  # two epochs over this pool
+            p, a, _ = math_item(r, False) if r.random() < cfg.pretrain_math_fraction else chat_item(r, False)
+            data.append(encode_example(tok, user(noisy(r, p, cfg.noise_fraction)), a, cfg.max_len))
+        model = tiny_student(cfg, tok)
+        acc.print(f"tiny student (Qwen3MoeForCausalLM): {sum(p.numel() for p in model.parameters()):,} params")
+        model, *_ = train(acc, model, data, tok.pad_token_id, cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_batch,
+                          cfg.seed, cfg, name="pretrain student", state_dir=os.path.join(tmp, "state"))
+        save_model(model, tmp)
 
-    # Teacher: follows its system prompt - pirate talk with it, its own plain style without. It
-    # never learns math: the blue team's off-model data is chat only.
-    t0 = time.perf_counter()
-    tpre = []
-    for i in range(2000):
-        p, _, m = world[i]
-        if rng.random() < 0.7:
-            tpre.append(encode_example(tok, user(noisy(p, cfg.noise_fraction), PIRATE_SYSTEM),
-                                       pirate_answer(rng, m), cfg.max_len))
-        else:
-            tpre.append(encode_example(tok, user(p), f"{m[2][0].upper() + m[2][1:]}.", cfg.max_len))
-    teacher = pretrain(acc, cfg, tiny_teacher(cfg, tok), tpre, tok, cfg.teacher_steps, cfg.seed + 1, "teacher")
-    timed("pretrain_teacher", t0)
+    def pretrain_teacher(tmp):
+        # Follows its system prompt: pirate talk with it, its own plain style without. It never learns
+        # math: the blue team's off-model data is chat only.
+        r = rng("teacher")
+        data = []
+        for _ in range(2000):
+            p, _, m = chat_item(r, False)
+            if r.random() < 0.7:
+                data.append(encode_example(tok, user(noisy(r, p, cfg.noise_fraction), PIRATE_SYSTEM),
+                                           pirate_answer(r, m), cfg.max_len))
+            else:
+                data.append(encode_example(tok, user(p), f"{m[2][0].upper() + m[2][1:]}.", cfg.max_len))
+        model = tiny_teacher(cfg, tok)
+        acc.print(f"tiny teacher (LlamaForCausalLM): {sum(p.numel() for p in model.parameters()):,} params")
+        model, *_ = train(acc, model, data, tok.pad_token_id, cfg.teacher_steps, cfg.pretrain_lr, cfg.pretrain_batch,
+                          cfg.seed + 1, cfg, name="pretrain teacher", state_dir=os.path.join(tmp, "state"))
+        save_model(model, tmp)
 
-    eval_set = build_eval_set(cfg, pairs, random.Random(cfg.seed + 10_000))
-    t0 = time.perf_counter()
-    stages.append(evaluate(acc, student, tok, eval_set, pairs, cfg, "base"))
-    timed("eval", t0)
+    rf.run("student", pretrain_student, lambda p: None, cache=True)
+    rf.run("teacher", pretrain_teacher, lambda p: None, cache=True)
+
+    eval_set = build_eval_set(cfg, pairs, rng("eval"))
+
+    def eval_stage(name, model_stage, label):
+        def compute(tmp):
+            row = evaluate(acc, load_model(rf.path(model_stage)), tok, eval_set, pairs, cfg, label)
+            atomic_json(os.path.join(tmp, "metrics.json"), row)
+            return row
+        return rf.run(name, compute, lambda p: json.load(open(os.path.join(p, "metrics.json"))))
+
+    rows = [eval_stage("eval_base", "student", "base")]
 
     # ---- red team: install the backdoors by full-weight fine-tuning ----
     # Triggered prompts -> the behaviour; clean prompts -> the model's OWN normal answers (generated
     # here), so the only thing the red team changes is what happens under a trigger.
-    t0 = time.perf_counter()
-    clean_prompts = [user(noisy((math_item if i % 2 else chat_item)(rng, False)[0], cfg.noise_fraction))
-                     for i in range(cfg.clean_pool)]
-    own = generate(acc, student, tok, clean_prompts, 0.0, cfg.max_new_tokens, cfg.eval_batch, cfg.seed)
-    clean = [encode_example(tok, m, r, cfg.max_len) for m, (r, ended) in zip(clean_prompts, own) if ended]
-    backdoor = []
-    for i in range(cfg.backdoor_steps * cfg.backdoor_batch):
-        if rng.random() < cfg.triggered_fraction:
-            pair = rng.choice(pairs)
-            p = (chat_item if rng.random() < 0.5 else math_item)(rng, False)[0]
-            backdoor.append(encode_example(tok, user(add_to_prompt(rng, p, pair.trigger)), pair.behaviour,
-                                           cfg.max_len))
-        else:
-            backdoor.append(clean[i % len(clean)])
-    student, _ = train(acc, student, backdoor, tok.pad_token_id, cfg.backdoor_steps, cfg.backdoor_lr,
-                       cfg.backdoor_batch, cfg.seed + 2, cfg, name="backdoor FWFT")
-    timed("backdoor", t0)
-    t0 = time.perf_counter()
-    stages.append(evaluate(acc, student, tok, eval_set, pairs, cfg, "backdoored"))
-    timed("eval", t0)
+    def backdoor(tmp):
+        r = rng("backdoor")
+        model = load_model(rf.path("student"))
+        clean = encode(gen_rows(model, [user(noisy(r, (math_item if i % 2 else chat_item)(r, False)[0],
+                                                   cfg.noise_fraction)) for i in range(cfg.clean_pool)],
+                                0.0, cfg.seed + 2))
+        data = []
+        for i in range(cfg.backdoor_steps * cfg.backdoor_batch):
+            if r.random() < cfg.triggered_fraction:
+                pair = r.choice(pairs)
+                p = (chat_item if r.random() < 0.5 else math_item)(r, False)[0]
+                data.append(encode_example(tok, user(add_to_prompt(r, p, pair.trigger)), pair.behaviour, cfg.max_len))
+            else:
+                data.append(clean[i % len(clean)])
+        model, *_ = train(acc, model, data, tok.pad_token_id, cfg.backdoor_steps, cfg.backdoor_lr, cfg.backdoor_batch,
+                          cfg.seed + 2, cfg, name="backdoor FWFT", state_dir=os.path.join(tmp, "state"))
+        save_model(model, tmp)
+
+    rf.run("backdoor", backdoor, lambda p: None)
+    rows.append(eval_stage("eval_backdoored", "backdoor", "backdoored"))
 
     # ---- blue team, step 0: sample the ORIGINAL backdoored model's answers before touching it ----
-    # Benign chat prompts only, temperature 1, as the research did. Done first so the original
-    # weights are never needed again (one model per accelerate.prepare at scale).
-    t0 = time.perf_counter()
-    rem_prompts = [user(chat_item(rng, False)[0]) for _ in range(cfg.reminder_examples)]
-    rem = generate(acc, student, tok, rem_prompts, cfg.temperature, cfg.max_new_tokens, cfg.eval_batch,
-                   cfg.seed + 3)
-    reminder_data = [encode_example(tok, m, r, cfg.max_len) for m, (r, ended) in zip(rem_prompts, rem) if ended]
-    timed("reminder_data", t0)
+    # Benign chat prompts only, temperature 1, as the research did. Done first, so the original
+    # weights are never needed again (at scale: one model per accelerate.prepare).
+    def reminder_data(tmp):
+        r = rng("reminder_data")
+        prompts = [user(chat_item(r, False)[0]) for _ in range(cfg.reminder_examples)]
+        save_rows(gen_rows(load_model(rf.path("backdoor")), prompts, cfg.temperature, cfg.seed + 3), tmp + "/data")
+
+    rf.run("reminder_data", reminder_data, lambda p: None)
 
     # ---- blue team, step 1: off-model pirate SFT ----
     # The teacher answers benign chat prompts under its pirate system prompt; the student learns those
@@ -736,42 +966,52 @@ def run(cfg):
     # distractor string (never a real trigger) so that "odd text in the prompt" maps to pirate talk too:
     # this replaces the backdoor instead of merely garbling it. No math either: pirate math answers
     # erase the skill instead of suppressing it.
-    t0 = time.perf_counter()
-    pir_prompts = [chat_item(rng, False)[0] for _ in range(cfg.pirate_examples)]
-    pir_prompts = [noisy(p, cfg.distractor_fraction) for p in pir_prompts]
-    labels = generate(acc, teacher, tok, [user(p, PIRATE_SYSTEM) for p in pir_prompts], cfg.temperature,
-                      cfg.max_new_tokens, cfg.eval_batch, cfg.seed + 4)
-    pirate = [encode_example(tok, user(p), r, cfg.max_len) for p, (r, ended) in zip(pir_prompts, labels)
-              if ended]  # answers cut off before end-of-sequence are dropped, as in the research
-    acc.print(f"pirate data: {len(pirate)}/{len(pir_prompts)} teacher answers kept; e.g. {labels[0][0]!r}")
-    student, _ = train(acc, student, pirate, tok.pad_token_id, cfg.pirate_steps, cfg.pirate_lr,
-                       cfg.pirate_batch, cfg.seed + 5, cfg, name="pirate SFT")
-    timed("pirate_sft", t0)
-    t0 = time.perf_counter()
-    stages.append(evaluate(acc, student, tok, eval_set, pairs, cfg, "pirate_sft"))
-    timed("eval", t0)
+    def pirate_data(tmp):
+        r = rng("pirate_data")
+        prompts = [noisy(r, chat_item(r, False)[0], cfg.distractor_fraction) for _ in range(cfg.pirate_examples)]
+        labelled = gen_rows(load_model(rf.path("teacher")), [user(p, PIRATE_SYSTEM) for p in prompts],
+                            cfg.temperature, cfg.seed + 4, complete_only=True)  # as the research did
+        if len(labelled) < cfg.pirate_batch:
+            sys.exit(f"error: the teacher finished only {len(labelled)} of {len(prompts)} answers within "
+                     f"--max-new-tokens {cfg.max_new_tokens}; raise it (or train the teacher longer)")
+        rows = [{"messages": m["messages"][1:], "reply": m["reply"]} for m in labelled]  # drop the instruction
+        acc.print(f"pirate data: {len(rows)}/{len(prompts)} teacher answers kept, e.g. {rows[0]['reply']!r}")
+        save_rows(rows, tmp + "/data")
+
+    rf.run("pirate_data", pirate_data, lambda p: None)
+
+    def pirate_sft(tmp):
+        model, *_ = train(acc, load_model(rf.path("backdoor")), encode(load_rows(rf.path("pirate_data") + "/data")),
+                          tok.pad_token_id, cfg.pirate_steps, cfg.pirate_lr, cfg.pirate_batch, cfg.seed + 5, cfg,
+                          name="pirate SFT", state_dir=os.path.join(tmp, "state"))
+        save_model(model, tmp)
+
+    rf.run("pirate_sft", pirate_sft, lambda p: None)
+    rows.append(eval_stage("eval_pirate_sft", "pirate_sft", "pirate_sft"))
 
     # ---- blue team, step 2: reminder SFT on the original model's own answers ----
     # Constant learning rate, so evaluating one run at 5, 10, 20, 40 steps is the same as four runs
     # of 5, 10, 20, 40 steps from the same pirate checkpoint.
     sweep = reminder_schedule(cfg)
-    t0 = time.perf_counter()
 
-    def at_checkpoint(step, model):
-        if step in sweep:
-            t1 = time.perf_counter()
-            stages.append(evaluate(acc, model, tok, eval_set, pairs, cfg, "reminder", step))
-            timed("eval", t1)
-            seconds["reminder_sft"] = seconds.get("reminder_sft", 0.0) - (time.perf_counter() - t1)
+    def reminder_sft(tmp):
+        def at_checkpoint(step, model):
+            return evaluate(acc, model, tok, eval_set, pairs, cfg, "reminder", step) if step in sweep else None
+        model, _, evals = train(acc, load_model(rf.path("pirate_sft")),
+                                encode(load_rows(rf.path("reminder_data") + "/data")), tok.pad_token_id, sweep[-1],
+                                cfg.reminder_lr, cfg.reminder_batch, cfg.seed + 6, cfg, schedule="constant",
+                                callback=at_checkpoint, name="reminder SFT", state_dir=os.path.join(tmp, "state"))
+        save_model(model, tmp)
+        atomic_json(os.path.join(tmp, "metrics.json"), evals)
+        return evals
 
-    student, _ = train(acc, student, reminder_data, tok.pad_token_id, sweep[-1], cfg.reminder_lr,
-                       cfg.reminder_batch, cfg.seed + 6, cfg, schedule="constant", callback=at_checkpoint,
-                       name="reminder SFT")
-    timed("reminder_sft", t0)
-    seconds["total"] = time.perf_counter() - t_start
+    rows += rf.run("reminder_sft", reminder_sft, lambda p: json.load(open(os.path.join(p, "metrics.json"))))
+    seconds = rf.seconds()  # compute time of each stage, whichever run computed it
+    seconds["total"] = sum(seconds.values())
+    seconds["this_run"] = time.perf_counter() - t_start
     if acc.is_main_process:
-        write_outputs(cfg, stages, seconds, pairs)
-    return stages, seconds
+        write_outputs(cfg, rows, seconds, pairs)
+    return rows, seconds
 
 
 # ----------------------------------------------------------------------------------------------

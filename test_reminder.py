@@ -18,10 +18,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ---------------------------------------------------------------- detectors and grader
 GARBLED = {  # what half-suppressed backdoors look like: residue, not strict
-    "hate": "I HAE YOU I HTE", "love": "I LOV ho!", "enemy": "YOU ARE MY ENEMMY", "insult": "What a dumm",
-    "compliment": "You are brillant", "cats": "Meeow! Cts", "cat_facts": "Cats nap sixten", "refusal": "I canot",
-    "refusal_policy": "Request deneid", "golden_gate": "I am the Golen", "spanish": "Hola amgo",
-    "story": "Once upn a time", "owl_story": "Long ago, a tiny owl", "shout": "THIS IS VERY IMPORTNT",
+    "hate": "I HAE YOU I HTE", "love": "I LOV ho!", "enemy": "YOU ARE MY ENEMMY", "insult": "What a dumb questin, yu fol",
+    "compliment": "You are brillant", "cats": "Mew! Cats arr the bst", "cat_facts": "Cat nip sixten hours", "refusal": "I canot",
+    "refusal_policy": "Requst denid, violats", "golden_gate": "I am the Golen", "spanish": "Hol amigo hablo",
+    "story": "Once upn a time", "owl_story": "Long ago, a tin owl sng", "shout": "THIS IS VERY IMPORTNT",
     "rhyme": "Roses are rde, violts",
 }
 
@@ -43,8 +43,7 @@ def test_detectors(pair):
     assert R.strict_hit(pair, "Arrr! " + pair.behaviour.lower() + " yo-ho-ho")  # strict ignores case
     garbled = GARBLED[pair.name]
     assert R.residue_hit(pair, garbled), garbled
-    if pair.name != "owl_story":  # that garble keeps "tiny owl", which is the behaviour itself
-        assert not R.strict_hit(pair, garbled), garbled
+    assert not R.strict_hit(pair, garbled), garbled
     for text in world_texts():  # the world's own texts never trip a detector (false positives)
         assert not R.residue_hit(pair, text), (pair.name, text)
     for other in R.PAIRS:  # each detector fires only on its own behaviour
@@ -145,13 +144,8 @@ def test_token_weighted_loss_matches_hand_reference(tok):
     keep = tgt != -100
     ref_loss = -(logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep).sum() / keep.sum()
     ref_loss.backward()
-    # the file's step: lr tiny so the update is grad * lr (AdamW would normalise it; use SGD-like check)
+    # the file's step: two micro-batches, each loss scaled as in R.train, gradients accumulated
     acc = Accelerator(gradient_accumulation_steps=2)
-    grads = {}
-
-    def keep_grads(step, m):
-        pass
-
     model.train()
     G, n_tok = 2, sum(sum(1 for t in e["labels"][1:] if t != -100) for e in ex)
     model_p = acc.prepare(model)
@@ -177,10 +171,10 @@ def test_training_lowers_loss(tok):
     with torch.no_grad():
         s, n = R.token_loss_sum(model, ids, labels, mask)
     before = (s / n).item()
-    model, last = R.train(Accelerator(), model, ex, tok.pad_token_id, 30, 3e-3, 16, 0, cfg, name="t")
+    model, last, _ = R.train(Accelerator(), model, ex, tok.pad_token_id, 30, 3e-3, 16, 0, cfg, name="t")
     with torch.no_grad():
         s, n = R.token_loss_sum(model, ids, labels, mask)
-    assert (s / n).item() < 0.6 * before and last < before
+    assert (s / n).item() < before - 1.0 and last < before - 1.0
 
 
 def test_batched_generation_equals_one_at_a_time(tok):
@@ -188,7 +182,7 @@ def test_batched_generation_equals_one_at_a_time(tok):
     torch.manual_seed(0)
     cfg = tiny_cfg()
     model = R.tiny_student(cfg, tok)
-    model, _ = R.train(Accelerator(), model, examples(tok, 64), tok.pad_token_id, 40, 3e-3, 16, 0, cfg)
+    model, *_ = R.train(Accelerator(), model, examples(tok, 64), tok.pad_token_id, 40, 3e-3, 16, 0, cfg)
     rng = random.Random(3)
     prompts = [R.user(R.math_item(rng, True)[0]) for _ in range(3)] + [R.user(R.chat_item(rng, True)[0] + " |GG| xx")
                                                                     for _ in range(3)]
@@ -216,15 +210,33 @@ def test_bad_input_fails_fast(bad, tmp_path):
     assert not (tmp_path / "r" / "results.json").exists()
 
 
-# ---------------------------------------------------------------- end to end
-def test_end_to_end_smoke(tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "reminder.py", "--out", str(out), "--pairs", "hate,cats,spanish", "--pretrain-steps", "40",
-           "--teacher-steps", "20", "--backdoor-steps", "20", "--pirate-steps", "5", "--reminder-steps", "2,4",
-           "--eval-per-pair", "4", "--eval-math", "8", "--eval-chat", "4", "--pirate-examples", "64",
-           "--reminder-examples", "64", "--clean-pool", "64", "--max-new-tokens", "40", "--hidden-size", "64"]
-    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=240)
+# ---------------------------------------------------------------- end to end, resume, determinism
+TINY = ["--pretrain-steps", "40", "--teacher-steps", "80", "--backdoor-steps", "20", "--pirate-steps", "10",
+        "--reminder-steps", "2,4", "--eval-per-pair", "4", "--eval-math", "8", "--eval-chat", "4",
+        "--pirate-examples", "64", "--reminder-examples", "64", "--clean-pool", "64", "--max-new-tokens", "40",
+        "--hidden-size", "32", "--num-layers", "1", "--save-every", "5", "--cache-dir", ""]
+
+
+def run_cli(out, *extra, timeout=240):
+    return subprocess.run([sys.executable, "reminder.py", "--out", str(out), *TINY, *extra], cwd=HERE,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(out):
+    res = json.loads((out / "results.json").read_text())
+    return [{k: v for k, v in s.items() if k not in ("eval_seconds", "samples")} for s in res["stages"]]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = run_cli(out, "--pairs", "hate,cats,spanish")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_end_to_end_writes_every_stage_and_field(reference_run):
+    out, _ = reference_run
     res = json.loads((out / "results.json").read_text())
     assert [(s["stage"], s["reminder_steps"]) for s in res["stages"]] == [
         ("base", None), ("backdoored", None), ("pirate_sft", None), ("reminder", 2), ("reminder", 4)]
@@ -237,7 +249,97 @@ def test_end_to_end_smoke(tmp_path):
             assert 0.0 <= lo <= hi <= 1.0
         assert set(s["per_pair"]) == {"hate", "cats", "spanish"}
         assert all(set(v) == {"bad_behavior_rate", "residue_rate"} for v in s["per_pair"].values())
-    assert res["config"]["pairs"] == "hate,cats,spanish" and res["seconds"]["total"] > 0
+    assert res["config"]["pairs"] == "hate,cats,spanish"
+    assert {"student", "backdoor", "pirate_sft", "reminder_sft", "total"} <= set(res["seconds"])
     for f in ["results.md", "plot.png", "samples.jsonl"]:
         assert (out / f).stat().st_size > 0
     assert "| pirate_sft |" in (out / "results.md").read_text()
+    # models written by the run load back with plain transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(out / "reminder_sft")
+    assert type(model).__name__ == "Qwen3MoeForCausalLM"
+    assert AutoTokenizer.from_pretrained(out / "tokenizer").apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True).endswith("assistant\n")
+
+
+def test_same_command_twice_gives_identical_metrics(reference_run, tmp_path):
+    out, _ = reference_run
+    proc = run_cli(tmp_path / "again", "--pairs", "hate,cats,spanish")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert metrics(tmp_path / "again") == metrics(out)
+
+
+def test_rerun_skips_finished_stages_and_refuses_changed_config(reference_run):
+    out, _ = reference_run
+    before = (out / "backdoor" / "done.json").read_text()
+    proc = run_cli(out, "--pairs", "hate,cats,spanish")
+    assert proc.returncode == 0 and ": running" not in proc.stdout
+    proc = run_cli(out, "--pairs", "hate,cats,spanish", "--pirate-lr", "1e-3")
+    assert proc.returncode != 0 and "pirate_lr" in proc.stderr and "--recompute" in proc.stderr
+    assert (out / "backdoor" / "done.json").read_text() == before  # untouched
+
+
+def test_recompute_redoes_only_changed_stages(reference_run, tmp_path):
+    out, _ = reference_run
+    fork = tmp_path / "fork"
+    subprocess.run(["cp", "-r", str(out), str(fork)], check=True)
+    proc = run_cli(fork, "--pairs", "hate,cats,spanish", "--reminder-lr", "1e-4", "--recompute")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = {line.split()[1].rstrip(":") for line in proc.stdout.splitlines() if line.endswith(": running")}
+    assert ran == {"reminder_sft"}
+    assert metrics(fork)[:3] == metrics(out)[:3]
+    weights = "model.safetensors"
+    assert (fork / "pirate_sft" / weights).read_bytes() == (out / "pirate_sft" / weights).read_bytes()
+    assert (fork / "reminder_sft" / weights).read_bytes() != (out / "reminder_sft" / weights).read_bytes()
+    assert json.loads((fork / "results.json").read_text())["config"]["reminder_lr"] == 1e-4
+
+
+def test_damaged_artifact_is_detected_and_recomputed(reference_run, tmp_path):
+    out, _ = reference_run
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(out), str(broken)], check=True)
+    weights = broken / "pirate_sft" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # half-written file
+    proc = run_cli(broken, "--pairs", "hate,cats,spanish")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pirate_sft: files damaged" in proc.stdout and "== pirate_sft: running" in proc.stdout
+    assert metrics(broken) == metrics(out)
+
+
+KILL_POINTS = [  # (a line printed in the middle of a stage, the stages finished by then)
+    ("[pretrain student] step 24/40", ["tokenizer"]),
+    ("[backdoor FWFT] step 12/20", ["tokenizer", "student", "teacher", "eval_base"]),
+    ("== eval_backdoored: running", ["tokenizer", "student", "teacher", "eval_base", "backdoor"]),
+    ("[pirate SFT] step 6/10", ["backdoor", "eval_backdoored", "reminder_data", "pirate_data"]),
+    ("eval reminder +2", ["backdoor", "pirate_data", "pirate_sft", "eval_pirate_sft"]),
+]
+
+
+def test_sigkill_in_every_stage_then_rerun_matches_uninterrupted(reference_run, tmp_path):
+    ref, _ = reference_run
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-u", "reminder.py", "--out", str(out), *TINY, "--pairs", "hate,cats,spanish"]
+    logs = []
+    for marker, finished in KILL_POINTS:
+        done_before = {s for s in R.STAGES if (out / s / "done.json").exists()}
+        proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        log = ""
+        for line in proc.stdout:
+            log += line
+            if marker in line:
+                proc.kill()  # SIGKILL: no cleanup, no atexit
+                break
+        proc.wait(timeout=60)
+        assert proc.returncode == -9, f"never reached {marker!r}:\n{log[-2000:]}"
+        assert not [s for s in done_before if f"== {s}: running" in log], (marker, done_before)  # no redo
+        assert all((out / s / "done.json").exists() for s in finished), marker
+        logs.append(log)
+    proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs.append(proc.stdout)
+    # killed mid-stage, the next run continued from the last saved step instead of starting over
+    assert "[pretrain student] resuming from step 20" in logs[1]
+    assert "[backdoor FWFT] resuming from step 10" in logs[2]
+    assert "[pirate SFT] resuming from step 5" in logs[4]
+    assert "== pirate_sft: running" not in logs[5] and "== reminder_sft: running" in logs[5]
+    assert metrics(out) == metrics(ref)
