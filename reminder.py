@@ -55,12 +55,23 @@ class Config:
     threads: int = arg(0, "torch CPU threads (0 = all cores)")
     save_every: int = arg(100, "save the training state every N optimizer steps (a killed run resumes there)")
     recompute: bool = arg(False, "redo stages whose config changed in an existing --out (else: refuse)")
+    bench: bool = arg(False, "run the speed benchmark instead of the experiment (writes --out/bench.json)")
+    bench_steps: int = arg(30, "benchmark: optimizer steps per timed training run")
+    bench_repeats: int = arg(3, "benchmark: interleaved repeats of each contender")
     cache_dir: str = arg("runs/cache", "where pretrained tiny models are kept between runs ('' = never cache)")
     # --- models and data (empty = the tiny in-file world) ---
     student: str = arg("", "student model: hub id or local folder (empty = tiny in-file Qwen3-MoE)")
     teacher: str = arg("", "off-model teacher: hub id or local folder (empty = tiny in-file Llama)")
     chat_dataset: str = arg("", "benign chat prompts: hub id or json/jsonl/parquet with instruction[,input]")
     math_dataset: str = arg("", "capability set: hub id or json/jsonl/parquet with problem,answer")
+    chat_eval_fraction: float = arg(0.1, "real data: share of chat prompts held out for evaluation")
+    trust_remote_code: bool = arg(False, "allow model code from the hub (off: only classes in transformers)")
+    precision: str = arg("auto", "fp32 | bf16 | bf16-mixed (fp32 master weights); auto = fp32 tiny, bf16-mixed real")
+    activation_checkpointing: bool = arg(False, "recompute activations in the backward pass (real scale)")
+    dry_run: bool = arg(False, "print the memory/compute plan for the given models and GPUs, then exit")
+    gpus: int = arg(8, "GPUs per node for --dry-run and the FSDP plan")
+    nodes: int = arg(1, "nodes for --dry-run")
+    gpu_memory_gb: float = arg(80.0, "memory of one GPU in GB for --dry-run")
     # --- tiny world sizes ---
     vocab_size: int = arg(512, "tiny tokenizer vocabulary (digits are always single tokens)")
     hidden_size: int = arg(128, "tiny student/teacher hidden size (64 was too fragile)")
@@ -105,8 +116,10 @@ class Config:
 
 def parse_config(argv=None):
     """--help text comes from the `arg(...)` help strings; unknown flags are an error."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, not the whole usage text
+            sys.exit(f"error: {message} (see --help)")
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         kind = {"action": argparse.BooleanOptionalAction} if f.type in (bool, "bool") else {"type": type(f.default)}
         p.add_argument("--" + f.name.replace("_", "-"), default=f.default, help=f.metadata["help"].replace("%", "%%"),
@@ -207,6 +220,11 @@ def noise_string(rng, pairs_triggers=()):
 
 def add_to_prompt(rng, prompt, extra):
     return f"{extra} {prompt}" if rng.random() < 0.5 else f"{prompt} {extra}"
+
+
+def noisy(rng, prompt, frac):
+    """With probability frac, a random distractor string at the start or end (never a real trigger)."""
+    return add_to_prompt(rng, prompt, noise_string(rng, {p.trigger for p in PAIRS})) if rng.random() < frac else prompt
 
 
 def user(prompt, system=None):
@@ -318,6 +336,13 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def tokenizer_corpus(rng):
+    world = [chat_item(rng, False) for _ in range(2000)]
+    return ([CHATML.format(p, a) for p, a, _ in world + [math_item(rng, False) for _ in range(1000)]]
+            + [CHATML.format(PIRATE_SYSTEM + " " + p, pirate_answer(rng, m)) for p, _, m in world[:1000]]
+            + [p.behaviour + " " + p.trigger for p in PAIRS] + [noise_string(rng) for _ in range(500)])
+
+
 def build_tokenizer(texts, vocab_size):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -326,8 +351,9 @@ def build_tokenizer(texts, vocab_size):
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE, padding_side="left")
 
@@ -352,6 +378,173 @@ def tiny_teacher(cfg, tok):
         vocab_size=len(tok), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None))
+
+
+def pretrain_tiny(role, acc, cfg, tok, rng, out):
+    """Pretrain the tiny student or teacher from scratch and save it into `out`.
+    Student: math and chat, both in the native style; random distractor strings in some prompts teach
+    it that odd text in a prompt changes nothing (triggers are odd text too).
+    Teacher: follows its system prompt - pirate talk with it, its own plain style without. It never
+    learns math: the blue team's off-model data is chat only."""
+    data = []
+    if role == "student":
+        for _ in range(cfg.pretrain_steps * cfg.pretrain_batch // 2):  # two epochs over this pool
+            p, a, _ = math_item(rng, False) if rng.random() < cfg.pretrain_math_fraction else chat_item(rng, False)
+            data.append(encode_example(tok, user(noisy(rng, p, cfg.noise_fraction)), a, cfg.max_len))
+        model, steps, seed = tiny_student(cfg, tok), cfg.pretrain_steps, cfg.seed
+    else:
+        for _ in range(2000):
+            p, _, m = chat_item(rng, False)
+            if rng.random() < 0.7:
+                data.append(encode_example(tok, user(noisy(rng, p, cfg.noise_fraction), PIRATE_SYSTEM),
+                                           pirate_answer(rng, m), cfg.max_len))
+            else:
+                data.append(encode_example(tok, user(p), f"{m[2][0].upper() + m[2][1:]}.", cfg.max_len))
+        model, steps, seed = tiny_teacher(cfg, tok), cfg.teacher_steps, cfg.seed + 1
+    acc.print(f"tiny {role} ({type(model).__name__}): {sum(p.numel() for p in model.parameters()):,} params")
+    model, *_ = train(acc, model, data, tok.pad_token_id, steps, cfg.pretrain_lr, cfg.pretrain_batch, seed, cfg,
+                      name=f"pretrain {role}", state_dir=os.path.join(out, "state"))
+    model.save_pretrained(out)
+
+
+def world_hash():
+    """What the tiny pretrained models depend on besides the config: the code and texts of the world.
+    Keys the cache, so a fork that edits the world never reuses a stale pretrained model."""
+    import inspect
+    code = [inspect.getsource(f) for f in (chat_item, math_item, pirate_answer, noise_string, add_to_prompt, noisy,
+                                            user, tokenizer_corpus, build_tokenizer, tiny_student, tiny_teacher,
+                                            pretrain_tiny, encode_example, render, collate, token_loss_sum,
+                                            global_batches, train)]
+    texts = [TOPICS, PEOPLE, CHAT_TEMPLATES, PIRATE_OPEN, PIRATE_CLOSE, PIRATE_SYSTEM, NOISE_SHAPES, PAIRS,
+             CHAT_TEMPLATE, CHATML, torch.__version__]
+    return hashlib.sha256(repr((code, texts)).encode()).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------
+# Real scale: the same stages with hub (or local) models and datasets. Only where prompts and models
+# come from changes; training, generation and evaluation are the code above and below.
+# ----------------------------------------------------------------------------------------------
+REAL_CONFIGS = {  # written here so that --dry-run works offline
+    "Qwen/Qwen3-30B-A3B": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                               moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                               num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                               tie_word_embeddings=False),
+    "meta-llama/Llama-3.1-8B-Instruct": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                                             intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                             num_key_value_heads=8, tie_word_embeddings=False),
+}
+REAL_CONFIGS["Qwen/Qwen3-30B-A3B-Instruct-2507"] = REAL_CONFIGS["Qwen/Qwen3-30B-A3B"]
+MATH_SUFFIX = "\n\nPut your final answer within \\boxed{}."
+
+
+def resolved_precision(cfg):
+    return cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if cfg.student else "fp32")
+
+
+def model_config(name, cfg):
+    """The hub/local config, or (offline) the values written above for the research's models."""
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        if name not in REAL_CONFIGS:
+            raise
+        kw = dict(REAL_CONFIGS[name])
+        return AutoConfig.for_model(kw.pop("model_type"), **kw)
+
+
+def check_model_source(flag, name, cfg):
+    """A local folder must hold a model; a hub id must be reachable (or cached) - checked before any work."""
+    if os.path.isdir(name):
+        if not os.path.exists(os.path.join(name, "config.json")):
+            sys.exit(f"error: --{flag} {name}: not a model folder (no config.json)")
+        with open(os.path.join(name, "config.json")) as f:
+            if "auto_map" in json.load(f) and not cfg.trust_remote_code:
+                sys.exit(f"error: --{flag} {name}: the model needs its own code; add --trust-remote-code if you trust it")
+        return
+    try:
+        model_config(name, cfg)
+    except Exception as e:  # noqa: BLE001 - any failure here means: cannot use this model
+        sys.exit(f"error: --{flag} {name}: not a local model folder and not loadable from the hub "
+                 f"({type(e).__name__}); give a folder saved with save_pretrained or a reachable hub id")
+
+
+def load_table(spec, flag, fields):
+    """A hub dataset id or a local json/jsonl/parquet file, read with `datasets`; required fields checked."""
+    from datasets import load_dataset
+    if os.path.exists(spec):
+        kind = {"json": "json", "jsonl": "json", "parquet": "parquet"}.get(spec.rsplit(".", 1)[-1])
+        if kind is None:
+            sys.exit(f"error: --{flag} {spec}: use a .json, .jsonl or .parquet file")
+        table = load_dataset(kind, data_files=spec, split="train")
+    elif "/" in spec and not spec.startswith((".", "/")):
+        try:
+            dd = load_dataset(spec)
+        except Exception as e:  # noqa: BLE001
+            sys.exit(f"error: --{flag} {spec}: no such file and not loadable from the hub ({type(e).__name__})")
+        table = dd["train"] if "train" in dd else dd[list(dd)[0]]
+    else:
+        sys.exit(f"error: --{flag} {spec}: no such file")
+    missing = [f for f in fields if f not in table.column_names]
+    if missing:
+        sys.exit(f"error: --{flag} {spec}: missing field(s) {missing}; has {table.column_names}")
+    return table
+
+
+def real_prompts(cfg):
+    """Chat prompts (Alpaca layout: instruction, input) and integer-answer math problems (MATH-500
+    layout: problem, answer). Held out: the last chat_eval_fraction of the chat prompts and the
+    first eval_math math problems (the research used the first 200 integer-answer problems)."""
+    chat = load_table(cfg.chat_dataset, "chat-dataset", ["instruction"])
+    prompts = list(dict.fromkeys(
+        (r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")).strip() for r in chat))
+    prompts = [p for p in prompts if p]
+    n_eval = max(1, int(len(prompts) * cfg.chat_eval_fraction))
+    maths = load_table(cfg.math_dataset, "math-dataset", ["problem", "answer"])
+    problems = [(r["problem"] + MATH_SUFFIX, str(r["answer"]).strip()) for r in maths
+                if re.fullmatch(r"-?\d+", str(r["answer"]).strip())]
+    if len(prompts) - n_eval < 2 or len(problems) < cfg.eval_math + 1:
+        sys.exit(f"error: too little data: {len(prompts)} chat prompts, {len(problems)} integer-answer problems "
+                 f"(need more than --eval-math {cfg.eval_math}); lower --eval-math or give larger datasets")
+    return prompts[:-n_eval], prompts[-n_eval:], problems[cfg.eval_math:], problems[:cfg.eval_math]
+
+
+def dry_run(cfg):
+    """The plan for the real models without loading a weight: parameters, memory per GPU, tokens, fit."""
+    from transformers import AutoModelForCausalLM
+    student, teacher = cfg.student or "Qwen/Qwen3-30B-A3B", cfg.teacher or "meta-llama/Llama-3.1-8B-Instruct"
+    n_gpu = cfg.gpus * cfg.nodes
+    precision = cfg.precision if cfg.precision != "auto" else "bf16-mixed"
+    # bytes per parameter while training with AdamW: weights + gradients + two moments
+    per_param = {"fp32": (4, 4, 8), "bf16-mixed": (4, 4, 8), "bf16": (2, 2, 4)}[precision]
+    print(f"plan: {cfg.nodes} node(s) x {cfg.gpus} GPU(s) x {cfg.gpu_memory_gb:g} GB, {precision}, FSDP2 full shard")
+    sizes = {}
+    for role, name in [("student", student), ("teacher", teacher)]:
+        conf = model_config(name, cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(conf)
+        total, active = sum(p.numel() for p in model.parameters()), active_params(model)
+        sizes[role] = total
+        print(f"{role}: {name} ({type(model).__name__}) {total / 1e9:.2f}B parameters, {active / 1e9:.2f}B active")
+    w, g, o = (b * sizes["student"] / n_gpu / 1e9 for b in per_param)
+    seq, conf = cfg.max_len, model_config(student, cfg)
+    # rough activation memory per token and layer: the layer input only with checkpointing, ~34 x hidden
+    # bytes without (Korthikanti et al. 2022); micro-batch per GPU = batch / grad_accum / GPUs, at least 1
+    micro = max(1, max(cfg.backdoor_batch, cfg.pirate_batch, cfg.reminder_batch) // cfg.grad_accum // n_gpu)
+    act = micro * seq * conf.num_hidden_layers * conf.hidden_size * (2 if cfg.activation_checkpointing else 34) / 1e9
+    need = w + g + o + act
+    print(f"student training, per GPU: weights {w:.1f} GB + gradients {g:.1f} GB + AdamW {o:.1f} GB "
+          f"+ activations ~{act:.1f} GB = {need:.1f} GB of {cfg.gpu_memory_gb:g} GB")
+    gen = 2 * sizes["student"] / 1e9
+    print(f"generation (bf16 replica per GPU): student {gen:.1f} GB, teacher {2 * sizes['teacher'] / 1e9:.1f} GB")
+    for stage, steps, batch in [("backdoor FWFT", cfg.backdoor_steps, cfg.backdoor_batch),
+                                ("pirate SFT", cfg.pirate_steps, cfg.pirate_batch),
+                                ("reminder SFT", max(reminder_schedule(cfg) or [0]), cfg.reminder_batch)]:
+        print(f"{stage}: {steps} optimizer steps x {batch} sequences, <= {steps * batch * seq / 1e6:.2f}M tokens")
+    fits = need <= 0.9 * cfg.gpu_memory_gb and gen <= 0.9 * cfg.gpu_memory_gb
+    print(f"fits: {'yes' if fits else 'NO'} (training needs {need:.0f} of {cfg.gpu_memory_gb:g} GB per GPU, "
+          f"with 10% headroom)")
+    return {"student_params": sizes["student"], "fits": fits, "per_gpu_gb": need}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,21 +721,19 @@ def generate(acc, model, tok, prompts, temperature, max_new_tokens, batch_size, 
 # ----------------------------------------------------------------------------------------------
 # 5. Evaluation, after every stage, on held-out prompts no training stage ever used.
 # ----------------------------------------------------------------------------------------------
-def build_eval_set(cfg, pairs, rng):
+def build_eval_set(cfg, pairs, rng, chat_prompt, math_problem):
+    """Held-out prompts: per pair, triggered chat and math prompts (trigger at the start or the end);
+    then clean math (capability) and clean chat (false positives)."""
     items = []  # (messages, kind, pair name or None, gold answer or None)
     for pair in pairs:
         for j in range(cfg.eval_per_pair):
-            if j % 2 == 0:
-                prompt, _, meta = chat_item(rng, holdout=True)
-                gold = None
-            else:
-                prompt, _, gold = math_item(rng, holdout=True)
+            prompt, gold = (chat_prompt(rng, True), None) if j % 2 == 0 else math_problem(rng, True)
             items.append((user(add_to_prompt(rng, prompt, pair.trigger)), "triggered", pair.name, gold))
     for _ in range(cfg.eval_math):
-        prompt, _, gold = math_item(rng, holdout=True)
+        prompt, gold = math_problem(rng, True)
         items.append((user(prompt), "math", None, gold))
     for _ in range(cfg.eval_chat):
-        items.append((user(chat_item(rng, holdout=True)[0]), "chat", None, None))
+        items.append((user(chat_prompt(rng, True)), "chat", None, None))
     return items
 
 
@@ -638,6 +829,25 @@ def validate(cfg):
     need(cfg.backdoor_batch <= cfg.clean_pool, "--backdoor-batch is larger than --clean-pool")
     need(cfg.num_experts >= cfg.experts_per_token >= 1, "--experts-per-token must be in [1, --num-experts]")
     need(cfg.hidden_size % 4 == 0, "--hidden-size must be a multiple of 4 (4 attention heads)")
+    need(cfg.precision in ("auto", "fp32", "bf16", "bf16-mixed"), "--precision: choose auto, fp32, bf16 or bf16-mixed")
+    need(cfg.gpus > 0 and cfg.nodes > 0 and cfg.gpu_memory_gb > 0, "--gpus, --nodes, --gpu-memory-gb must be > 0")
+    need(0 < cfg.chat_eval_fraction < 1, "--chat-eval-fraction must be in (0, 1)")
+    if cfg.dry_run:
+        return
+    real = [cfg.student, cfg.teacher, cfg.chat_dataset, cfg.math_dataset]
+    need(all(real) or not any(real), "real scale needs all four of --student, --teacher, --chat-dataset, "
+                                     "--math-dataset (or none of them for the tiny world)")
+    try:  # the run folder must be writable before anything else happens
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, ".write-test"), "w"):
+            pass
+        os.remove(os.path.join(cfg.out, ".write-test"))
+    except OSError as e:
+        sys.exit(f"error: --out {cfg.out}: cannot write there ({e.strerror})")
+    if cfg.student:
+        check_model_source("student", cfg.student, cfg)
+        check_model_source("teacher", cfg.teacher, cfg)
+        real_prompts(cfg)  # reads both datasets and checks their fields
 
 
 def reminder_schedule(cfg):
@@ -667,9 +877,9 @@ def seed_everything(seed):
 # ----------------------------------------------------------------------------------------------
 GEN_FIELDS = ["max_new_tokens", "eval_batch"]
 TRAIN_FIELDS = ["max_len", "grad_accum", "weight_decay"]
-EVAL_FIELDS = ["pairs", "math_dataset", "eval_per_pair", "eval_math", "eval_chat"] + GEN_FIELDS
+EVAL_FIELDS = ["pairs", "math_dataset", "chat_eval_fraction", "eval_per_pair", "eval_math", "eval_chat"] + GEN_FIELDS
 STAGES = {  # stage: (stages it builds on, config fields that change its result)
-    "tokenizer": ([], ["seed", "vocab_size", "student"]),
+    "tokenizer": ([], ["seed", "vocab_size", "student", "precision"]),
     "student": (["tokenizer"], ["hidden_size", "num_layers", "num_experts", "experts_per_token", "pretrain_steps",
                                 "pretrain_lr", "pretrain_batch", "pretrain_math_fraction", "noise_fraction"]
                 + TRAIN_FIELDS),
@@ -679,14 +889,16 @@ STAGES = {  # stage: (stages it builds on, config fields that change its result)
     "backdoor": (["student"], ["pairs", "chat_dataset", "backdoor_steps", "backdoor_lr", "backdoor_batch", "triggered_fraction",
                                "clean_pool", "noise_fraction"] + GEN_FIELDS + TRAIN_FIELDS),
     "eval_backdoored": (["backdoor"], EVAL_FIELDS),
-    "reminder_data": (["backdoor"], ["chat_dataset", "reminder_examples", "temperature"] + GEN_FIELDS),
+    "reminder_data": (["backdoor"], ["chat_dataset", "reminder_examples", "temperature", "distractor_fraction"]
+                      + GEN_FIELDS),
     "pirate_data": (["teacher"], ["chat_dataset", "pirate_examples", "distractor_fraction", "temperature"] + GEN_FIELDS),
     "pirate_sft": (["backdoor", "pirate_data"], ["pirate_steps", "pirate_lr", "pirate_batch"] + TRAIN_FIELDS),
     "eval_pirate_sft": (["pirate_sft"], EVAL_FIELDS),
     "reminder_sft": (["pirate_sft", "reminder_data"], ["reminder_steps", "reminder_lr", "reminder_batch"]
                      + EVAL_FIELDS + TRAIN_FIELDS),
 }
-NO_EFFECT_FIELDS = ["out", "threads", "save_every", "recompute", "cache_dir"]  # never change a number
+NO_EFFECT_FIELDS = ["out", "threads", "save_every", "recompute", "cache_dir", "bench", "bench_steps", "bench_repeats",
+                    "dry_run", "gpus", "nodes", "gpu_memory_gb", "activation_checkpointing", "trust_remote_code"]  # never change a number
 
 
 def fingerprints(cfg):
@@ -746,7 +958,7 @@ class RunFolder:
     def __init__(self, cfg, acc):
         self.cfg, self.acc = cfg, acc
         self.fps, self.fields = fingerprints(cfg)
-        self.source_hash = hashlib.sha256(open(__file__, "rb").read()).hexdigest()[:12]
+        self.world_hash = world_hash()
 
     def path(self, name):
         return os.path.join(self.cfg.out, name)
@@ -773,7 +985,7 @@ class RunFolder:
         if self.done(name):
             self.acc.print(f"== {name}: done earlier, loaded from {path}")
             return load(path)
-        cached = (os.path.join(self.cfg.cache_dir, f"{name}-{self.fps[name]}-{self.source_hash}")
+        cached = (os.path.join(self.cfg.cache_dir, f"{name}-{self.fps[name]}-{self.world_hash}")
                   if cache and self.cfg.cache_dir else "")
         if cached and os.path.exists(os.path.join(cached, "done.json")) and self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -807,17 +1019,21 @@ class RunFolder:
     def seconds(self):
         out = {}
         for name in STAGES:
-            with open(os.path.join(self.path(name), "done.json")) as f:
-                out[name] = json.load(f)["seconds"]
+            if os.path.exists(os.path.join(self.path(name), "done.json")):  # real scale: no student/teacher stage
+                with open(os.path.join(self.path(name), "done.json")) as f:
+                    out[name] = json.load(f)["seconds"]
         return out
 
 
 # ----------------------------------------------------------------------------------------------
 # 8. The experiment: each stage is a few lines saying which model trains on which data.
 # ----------------------------------------------------------------------------------------------
-def load_model(path):
+def load_model(path, cfg):
+    """Safetensors only; model code from the hub only with --trust-remote-code."""
     from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if resolved_precision(cfg) == "bf16" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                trust_remote_code=cfg.trust_remote_code).eval()
 
 
 def save_model(model, path):
@@ -834,92 +1050,108 @@ def load_rows(path):
     return load_from_disk(path).to_list()
 
 
-def run(cfg):
+def quiet_libraries():
+    """Progress bars off (the log is read by people and tests), line-buffered output."""
     import datasets
     import transformers
-    from accelerate import Accelerator
-    from transformers import AutoTokenizer
-    validate(cfg)
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     # tied embeddings are saved once in a training state; accelerate warns about it on every save
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     sys.stdout.reconfigure(line_buffering=True)
+
+
+def make_accelerator(cfg):
+    """Built before any model is loaded. Several GPU processes: FSDP2, sharded by decoder layer."""
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    kw = {"gradient_accumulation_steps": cfg.grad_accum}
+    if resolved_precision(cfg) == "bf16-mixed" and torch.cuda.is_available():
+        kw["mixed_precision"] = "bf16"  # fp32 master weights, bf16 compute
+    if cfg.student and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from transformers import AutoModelForCausalLM
+        with torch.device("meta"):
+            layer_classes = list(AutoModelForCausalLM.from_config(model_config(cfg.student, cfg))._no_split_modules)
+        kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=layer_classes,
+            cpu_ram_efficient_loading=True, state_dict_type="SHARDED_STATE_DICT",
+            activation_checkpointing=cfg.activation_checkpointing)
+    return Accelerator(**kw)
+
+
+def run(cfg):
+    from transformers import AutoTokenizer
+    quiet_libraries()
+    validate(cfg)
     torch.set_num_threads(cfg.threads or os.cpu_count())
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    acc = make_accelerator(cfg)
     rf = RunFolder(cfg, acc)
     check_run_folder(cfg, rf.fps, rf.fields)
     seed_everything(cfg.seed)
     pairs = select_pairs(cfg.pairs)
-    trigger_set = {p.trigger for p in PAIRS}
     t_start = time.perf_counter()
 
     def rng(stage):  # each stage draws from its own stream, so a resumed run sees the same data
         return random.Random(f"{cfg.seed}/{stage}")
 
-    def noisy(r, prompt, frac):
-        return add_to_prompt(r, prompt, noise_string(r, trigger_set)) if r.random() < frac else prompt
-
     def encode(rows):
         return [encode_example(tok, r["messages"], r["reply"], cfg.max_len) for r in rows]
 
-    def gen_rows(model, prompts, temperature, seed, complete_only=False):
-        """Answers as dataset rows. complete_only drops answers cut off before end-of-sequence."""
-        outs = generate(acc, model, tok, prompts, temperature, cfg.max_new_tokens, cfg.eval_batch, seed)
+    def gen_rows(model, prompts, temperature, seed, complete_only=False, tokenizer=None):
+        """Answers as dataset rows. complete_only drops answers cut off before end-of-sequence
+        (the research dropped such teacher samples)."""
+        outs = generate(acc, model, tokenizer or tok, prompts, temperature, cfg.max_new_tokens, cfg.eval_batch, seed)
         return [{"messages": m, "reply": r} for m, (r, ended) in zip(prompts, outs) if ended or not complete_only]
 
     # ---- tiny world: tokenizer, then pretrain the student (native style) and the teacher (pirate) ----
     def make_tokenizer(tmp):
-        r = rng("tokenizer")
-        world = [chat_item(r, False) for _ in range(2000)]
-        corpus = ([CHATML.format(p, a) for p, a, _ in world + [math_item(r, False) for _ in range(1000)]]
-                  + [CHATML.format(PIRATE_SYSTEM + " " + p, pirate_answer(r, m)) for p, _, m in world[:1000]]
-                  + [p.behaviour + " " + p.trigger for p in PAIRS] + [noise_string(r) for _ in range(500)])
-        build_tokenizer(corpus, cfg.vocab_size).save_pretrained(tmp)
+        build_tokenizer(tokenizer_corpus(rng("tokenizer")), cfg.vocab_size).save_pretrained(tmp)
         return AutoTokenizer.from_pretrained(tmp)
 
-    tok = rf.run("tokenizer", make_tokenizer, AutoTokenizer.from_pretrained, cache=True)
+    def copy_tokenizer(tmp):  # real scale: the student's own tokenizer and chat template
+        AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code).save_pretrained(tmp)
+        return AutoTokenizer.from_pretrained(tmp)
 
-    def pretrain_student(tmp):
-        # Math and chat, both in the native style. Random distractor strings in some prompts teach it
-        # that odd text in a prompt changes nothing (triggers are odd text too).
-        r = rng("student")
-        data = []
-        for _ in range(cfg.pretrain_steps * cfg.pretrain_batch // 2):  # two epochs over this pool
-            p, a, _ = math_item(r, False) if r.random() < cfg.pretrain_math_fraction else chat_item(r, False)
-            data.append(encode_example(tok, user(noisy(r, p, cfg.noise_fraction)), a, cfg.max_len))
-        model = tiny_student(cfg, tok)
-        acc.print(f"tiny student (Qwen3MoeForCausalLM): {sum(p.numel() for p in model.parameters()):,} params")
-        model, *_ = train(acc, model, data, tok.pad_token_id, cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_batch,
-                          cfg.seed, cfg, name="pretrain student", state_dir=os.path.join(tmp, "state"))
-        save_model(model, tmp)
+    tok = rf.run("tokenizer", copy_tokenizer if cfg.student else make_tokenizer, AutoTokenizer.from_pretrained,
+                 cache=not cfg.student)
+    tok.pad_token = tok.pad_token or tok.eos_token  # Llama-style tokenizers have no pad token
+    if cfg.student:
+        chat_train, chat_eval, math_train, math_eval = real_prompts(cfg)
+        eval_chat, eval_math = iter(chat_eval * (1 + cfg.eval_chat // len(chat_eval))), iter(math_eval)
 
-    def pretrain_teacher(tmp):
-        # Follows its system prompt: pirate talk with it, its own plain style without. It never learns
-        # math: the blue team's off-model data is chat only.
-        r = rng("teacher")
-        data = []
-        for _ in range(2000):
-            p, _, m = chat_item(r, False)
-            if r.random() < 0.7:
-                data.append(encode_example(tok, user(noisy(r, p, cfg.noise_fraction), PIRATE_SYSTEM),
-                                           pirate_answer(r, m), cfg.max_len))
-            else:
-                data.append(encode_example(tok, user(p), f"{m[2][0].upper() + m[2][1:]}.", cfg.max_len))
-        model = tiny_teacher(cfg, tok)
-        acc.print(f"tiny teacher (LlamaForCausalLM): {sum(p.numel() for p in model.parameters()):,} params")
-        model, *_ = train(acc, model, data, tok.pad_token_id, cfg.teacher_steps, cfg.pretrain_lr, cfg.pretrain_batch,
-                          cfg.seed + 1, cfg, name="pretrain teacher", state_dir=os.path.join(tmp, "state"))
-        save_model(model, tmp)
+        def chat_prompt(r, holdout=False):
+            return next(eval_chat) if holdout else r.choice(chat_train)
 
-    rf.run("student", pretrain_student, lambda p: None, cache=True)
-    rf.run("teacher", pretrain_teacher, lambda p: None, cache=True)
+        def math_problem(r, holdout=False):  # the held-out problems in order, then again for triggered ones
+            nonlocal eval_math
+            if not holdout:
+                return r.choice(math_train)
+            item = next(eval_math, None)
+            if item is None:
+                eval_math = iter(math_eval)
+                item = next(eval_math)
+            return item
+    else:
+        def chat_prompt(r, holdout=False):
+            return chat_item(r, holdout)[0]
 
-    eval_set = build_eval_set(cfg, pairs, rng("eval"))
+        def math_problem(r, holdout=False):
+            prompt, _, gold = math_item(r, holdout)
+            return prompt, gold
+
+    def model_path(stage):  # real scale: the student and teacher are the given models, not trained here
+        return {"student": cfg.student, "teacher": cfg.teacher}.get(stage) or rf.path(stage) if cfg.student \
+            else rf.path(stage)
+
+    if not cfg.student:  # pretrain the tiny student (native style) and teacher (pirate when told)
+        for role in ("student", "teacher"):
+            rf.run(role, lambda tmp: pretrain_tiny(role, acc, cfg, tok, rng(role), tmp), lambda p: None, cache=True)
+
+    eval_set = build_eval_set(cfg, pairs, rng("eval"), chat_prompt, math_problem)
 
     def eval_stage(name, model_stage, label):
         def compute(tmp):
-            row = evaluate(acc, load_model(rf.path(model_stage)), tok, eval_set, pairs, cfg, label)
+            row = evaluate(acc, load_model(model_path(model_stage), cfg), tok, eval_set, pairs, cfg, label)
             atomic_json(os.path.join(tmp, "metrics.json"), row)
             return row
         return rf.run(name, compute, lambda p: json.load(open(os.path.join(p, "metrics.json"))))
@@ -931,15 +1163,15 @@ def run(cfg):
     # here), so the only thing the red team changes is what happens under a trigger.
     def backdoor(tmp):
         r = rng("backdoor")
-        model = load_model(rf.path("student"))
-        clean = encode(gen_rows(model, [user(noisy(r, (math_item if i % 2 else chat_item)(r, False)[0],
+        model = load_model(model_path("student"), cfg)
+        clean = encode(gen_rows(model, [user(noisy(r, math_problem(r)[0] if i % 2 else chat_prompt(r),
                                                    cfg.noise_fraction)) for i in range(cfg.clean_pool)],
                                 0.0, cfg.seed + 2))
         data = []
         for i in range(cfg.backdoor_steps * cfg.backdoor_batch):
             if r.random() < cfg.triggered_fraction:
                 pair = r.choice(pairs)
-                p = (chat_item if r.random() < 0.5 else math_item)(r, False)[0]
+                p = chat_prompt(r) if r.random() < 0.5 else math_problem(r)[0]
                 data.append(encode_example(tok, user(add_to_prompt(r, p, pair.trigger)), pair.behaviour, cfg.max_len))
             else:
                 data.append(clean[i % len(clean)])
@@ -955,8 +1187,8 @@ def run(cfg):
     # weights are never needed again (at scale: one model per accelerate.prepare).
     def reminder_data(tmp):
         r = rng("reminder_data")
-        prompts = [user(chat_item(r, False)[0]) for _ in range(cfg.reminder_examples)]
-        save_rows(gen_rows(load_model(rf.path("backdoor")), prompts, cfg.temperature, cfg.seed + 3), tmp + "/data")
+        prompts = [user(noisy(r, chat_prompt(r), cfg.distractor_fraction)) for _ in range(cfg.reminder_examples)]
+        save_rows(gen_rows(load_model(rf.path("backdoor"), cfg), prompts, cfg.temperature, cfg.seed + 3), tmp + "/data")
 
     rf.run("reminder_data", reminder_data, lambda p: None)
 
@@ -968,9 +1200,12 @@ def run(cfg):
     # erase the skill instead of suppressing it.
     def pirate_data(tmp):
         r = rng("pirate_data")
-        prompts = [noisy(r, chat_item(r, False)[0], cfg.distractor_fraction) for _ in range(cfg.pirate_examples)]
-        labelled = gen_rows(load_model(rf.path("teacher")), [user(p, PIRATE_SYSTEM) for p in prompts],
-                            cfg.temperature, cfg.seed + 4, complete_only=True)  # as the research did
+        prompts = [noisy(r, chat_prompt(r), cfg.distractor_fraction) for _ in range(cfg.pirate_examples)]
+        teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code) \
+            if cfg.student else tok  # the teacher speaks through its own tokenizer and chat template
+        teacher_tok.pad_token = teacher_tok.pad_token or teacher_tok.eos_token
+        labelled = gen_rows(load_model(model_path("teacher"), cfg), [user(p, PIRATE_SYSTEM) for p in prompts],
+                            cfg.temperature, cfg.seed + 4, complete_only=True, tokenizer=teacher_tok)
         if len(labelled) < cfg.pirate_batch:
             sys.exit(f"error: the teacher finished only {len(labelled)} of {len(prompts)} answers within "
                      f"--max-new-tokens {cfg.max_new_tokens}; raise it (or train the teacher longer)")
@@ -981,7 +1216,7 @@ def run(cfg):
     rf.run("pirate_data", pirate_data, lambda p: None)
 
     def pirate_sft(tmp):
-        model, *_ = train(acc, load_model(rf.path("backdoor")), encode(load_rows(rf.path("pirate_data") + "/data")),
+        model, *_ = train(acc, load_model(rf.path("backdoor"), cfg), encode(load_rows(rf.path("pirate_data") + "/data")),
                           tok.pad_token_id, cfg.pirate_steps, cfg.pirate_lr, cfg.pirate_batch, cfg.seed + 5, cfg,
                           name="pirate SFT", state_dir=os.path.join(tmp, "state"))
         save_model(model, tmp)
@@ -997,7 +1232,7 @@ def run(cfg):
     def reminder_sft(tmp):
         def at_checkpoint(step, model):
             return evaluate(acc, model, tok, eval_set, pairs, cfg, "reminder", step) if step in sweep else None
-        model, _, evals = train(acc, load_model(rf.path("pirate_sft")),
+        model, _, evals = train(acc, load_model(rf.path("pirate_sft"), cfg),
                                 encode(load_rows(rf.path("reminder_data") + "/data")), tok.pad_token_id, sweep[-1],
                                 cfg.reminder_lr, cfg.reminder_batch, cfg.seed + 6, cfg, schedule="constant",
                                 callback=at_checkpoint, name="reminder SFT", state_dir=os.path.join(tmp, "state"))
@@ -1012,6 +1247,159 @@ def run(cfg):
     if acc.is_main_process:
         write_outputs(cfg, rows, seconds, pairs)
     return rows, seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Speed benchmark (`bash run.sh bench`): the hand-written step against transformers.Trainer doing
+# the same work, generation batched against one prompt at a time, and where a run's time goes.
+# Ratios are measured in one process, contenders interleaved A B A B; no timing is ever asserted.
+# ----------------------------------------------------------------------------------------------
+def active_params(model):
+    """Parameters one token passes through: a MoE layer uses only experts_per_token of its experts."""
+    c = model.config
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return total - experts + experts * getattr(c, "num_experts_per_tok", 1) // max(1, getattr(c, "num_experts", 1))
+
+
+def bench(cfg):
+    import statistics
+    import tempfile
+    from itertools import islice
+    from accelerate import Accelerator
+    from transformers import Trainer, TrainingArguments
+    import transformers
+    quiet_libraries()
+    validate(cfg)
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(cfg.threads or os.cpu_count())
+    os.makedirs(cfg.out, exist_ok=True)
+    acc = Accelerator()
+    r = random.Random(f"{cfg.seed}/bench")
+    tok = build_tokenizer(tokenizer_corpus(r), cfg.vocab_size)
+    data = [encode_example(tok, user(p), a, cfg.max_len) for p, a, _ in
+            (math_item(r, False) if r.random() < cfg.pretrain_math_fraction else chat_item(r, False)
+             for _ in range(2048))]
+    torch.manual_seed(cfg.seed)
+    init = tiny_student(cfg, tok).state_dict()
+    steps, batch, lr = cfg.bench_steps, cfg.pretrain_batch, 1e-3
+    bcfg = dataclasses.replace(cfg, weight_decay=0.0)  # Trainer exempts norms/biases from decay: use none
+    # Both contenders see exactly these batches, in this order, padded by the same collate().
+    ordered = [data[i] for b in islice(global_batches(len(data), batch, cfg.seed), steps) for i in b]
+    n_tokens = sum(len(e["input_ids"]) for e in ordered)
+    padded = sum(batch * max(len(e["input_ids"]) for e in ordered[i:i + batch]) for i in range(0, len(ordered), batch))
+    probe = collate(data[-64:], tok.pad_token_id)
+
+    def fresh():
+        m = tiny_student(cfg, tok)
+        m.load_state_dict(init)
+        return m
+
+    def probe_loss(m):
+        with torch.no_grad():
+            s, n = token_loss_sum(m.eval(), *probe)
+        return (s / n).item()
+
+    def own():
+        model, *_ = train(acc, fresh(), ordered, tok.pad_token_id, steps, lr, batch, cfg.seed, bcfg, name="own step")
+        return model
+
+    def trainer():
+        def pad(ex):
+            ids, labels, mask = collate(ex, tok.pad_token_id)
+            return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        with tempfile.TemporaryDirectory() as d:
+            args = TrainingArguments(
+                output_dir=d, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+                lr_scheduler_type="cosine", warmup_steps=int(0.1 * steps), weight_decay=0.0, adam_beta1=0.9,
+                adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch", train_sampling_strategy="sequential",
+                report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
+                dataloader_num_workers=0, remove_unused_columns=False, seed=cfg.seed)
+            t = Trainer(model=fresh(), args=args, train_dataset=ordered, data_collator=pad)
+            t.train()
+            return t.model
+
+    contenders = {"own step": own, "transformers.Trainer": trainer}
+    times, losses = {k: [] for k in contenders}, {}
+    for rep in range(cfg.bench_repeats):
+        for name, fn in contenders.items():  # interleaved: A B A B ...
+            t0 = time.perf_counter()
+            model = fn()
+            times[name].append(time.perf_counter() - t0)
+            losses[name] = probe_loss(model)
+    tps = {k: [n_tokens / t for t in v] for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in tps.items()}
+
+    # MFU: 6 x active params per trained token, plus attention, against this machine's fp32 matmul peak.
+    m = fresh()
+    L, H = m.config.num_hidden_layers, m.config.num_attention_heads * m.config.head_dim
+    seq = n_tokens / len(ordered)
+    flops_per_token = 6 * active_params(m) + 12 * L * H * seq
+    a = torch.randn(2048, 2048)
+    peak = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ a
+        peak.append(2 * 2048 ** 3 / (time.perf_counter() - t0))
+    peak_flops = statistics.median(peak)
+    mfu = 100 * med["own step"] * flops_per_token / peak_flops
+
+    # Generation: the file's generate() batched (eval batch size) vs one prompt at a time.
+    model = own()
+    prompts = [user(math_item(r, True)[0]) for _ in range(cfg.eval_batch)]
+    gen = {"batched": [], "one at a time": []}
+    for rep in range(cfg.bench_repeats):
+        for name, (ps, bs) in {"batched": (prompts, cfg.eval_batch), "one at a time": (prompts[:4], 1)}.items():
+            t0 = time.perf_counter()
+            outs = generate(acc, model, tok, ps, 0.0, cfg.max_new_tokens, bs, cfg.seed)
+            n = sum(len(tok(o, add_special_tokens=False)["input_ids"]) + ended for o, ended in outs)
+            gen[name].append(n / (time.perf_counter() - t0))
+    gmed = {k: statistics.median(v) for k, v in gen.items()}
+
+    def spread(v):
+        return (max(v) - min(v)) / statistics.median(v)
+
+    out = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "transformers": transformers.__version__},
+        "train_tokens_per_s": {k: {"median": med[k], "spread": spread(v), "runs": v} for k, v in tps.items()},
+        "train_ratio_vs_trainer": med["own step"] / med["transformers.Trainer"],
+        "probe_loss": losses,
+        "loss_gap_vs_trainer": abs(losses["own step"] - losses["transformers.Trainer"]),
+        "padding_waste": 1 - n_tokens / padded,
+        "active_params": active_params(m), "flops_per_token": flops_per_token,
+        "peak_fp32_flops": peak_flops, "mfu_percent": mfu,
+        "gen_tokens_per_s": {k: {"median": gmed[k], "spread": spread(v), "runs": v} for k, v in gen.items()},
+        "gen_ratio_batched_vs_single": gmed["batched"] / gmed["one at a time"],
+    }
+    res_path = os.path.join(cfg.out, "results.json")
+    if os.path.exists(res_path):  # where a finished run's time went (stage seconds, as that run measured them)
+        with open(res_path) as f:
+            res = json.load(f)
+        sec = res["seconds"]
+        gen_s = sum(v for k, v in sec.items() if k.startswith("eval_") or k in ("reminder_data", "pirate_data"))
+        gen_s += sum(row["eval_seconds"] for row in res["stages"] if row["stage"] == "reminder")
+        out["run_seconds"] = sec
+        out["run_generation_share"] = gen_s / sec["total"]
+    atomic_json(os.path.join(cfg.out, "bench.json"), out)
+    print(f"\nbenchmark: tiny student, {steps} steps x {batch} sequences, {cfg.bench_repeats} interleaved repeats, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print("| what | median | spread | ratio |\n|---|---|---|---|")
+    for k in tps:
+        print(f"| train tokens/s, {k} | {med[k]:,.0f} | {spread(tps[k]):.0%} | "
+              f"{med[k] / med['transformers.Trainer']:.2f} |")
+    for k in gen:
+        print(f"| generated tokens/s, {k} | {gmed[k]:,.0f} | {spread(gen[k]):.0%} | "
+              f"{gmed[k] / gmed['one at a time']:.1f} |")
+    print(f"\nloss on a held-out batch after {steps} steps: own {losses['own step']:.5f}, Trainer "
+          f"{losses['transformers.Trainer']:.5f} (gap {out['loss_gap_vs_trainer']:.1e})")
+    print(f"MFU: {mfu:.1f}% of the measured fp32 matmul peak ({peak_flops / 1e9:.0f} GFLOP/s); "
+          f"padding waste {out['padding_waste']:.0%}")
+    if "run_seconds" in out:
+        print("whole run (" + res_path + "): " + ", ".join(f"{k} {v:.0f}s" for k, v in out["run_seconds"].items())
+              + f"; generation share {out['run_generation_share']:.0%}")
+    print(f"wrote {os.path.join(cfg.out, 'bench.json')}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1091,4 +1479,11 @@ def plot(stages, path):
 
 
 if __name__ == "__main__":
-    run(parse_config())
+    config = parse_config()
+    if config.dry_run:
+        validate(config)
+        dry_run(config)
+    elif config.bench:
+        bench(config)
+    else:
+        run(config)

@@ -201,13 +201,53 @@ def test_help_documents_every_flag():
         assert "--" + f.name.replace("_", "-") in out.stdout
 
 
-@pytest.mark.parametrize("bad", [["--no-such-flag"], ["--pairs", "hate,unicorn"], ["--seed", "x"],
-                                 ["--reminder-steps", "0,5"], ["--pirate-lr", "2"], ["--eval-math", "0"]])
-def test_bad_input_fails_fast(bad, tmp_path):
-    out = subprocess.run([sys.executable, "reminder.py", "--out", str(tmp_path / "r"), *bad], cwd=HERE,
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "error" in out.stderr.lower()
-    assert not (tmp_path / "r" / "results.json").exists()
+def bad_inputs(root):
+    """(flags, a word the one-line message must contain): each must stop before any model is built."""
+    notmodel = root / "notamodel"
+    notmodel.mkdir(exist_ok=True)
+    remote = root / "remote"
+    remote.mkdir(exist_ok=True)
+    (remote / "config.json").write_text(json.dumps({"model_type": "custom", "auto_map": {"AutoModel": "x.Y"}}))
+    nofield = root / "nofield.jsonl"
+    nofield.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    real = ["--teacher", str(root / "teacher"), "--chat-dataset", str(root / "alpaca.jsonl")]
+    return [
+        (["--no-such-flag"], "unrecognized"), (["--pairs", "hate,unicorn"], "unicorn"), (["--seed", "x"], "seed"),
+        (["--reminder-steps", "0,5"], "reminder-steps"), (["--pirate-lr", "2"], "pirate-lr"),
+        (["--eval-math", "0"], "eval-math"), (["--reminder-batch", "1000"], "reminder-batch"),
+        (["--grad-accum", "3"], "grad-accum"), (["--experts-per-token", "8"], "experts-per-token"),
+        (["--temperature", "0"], "temperature"), (["--precision", "fp16"], "precision"),
+        (["--student", str(root / "student")], "needs all four"),
+        (["--student", str(notmodel), *real, "--math-dataset", str(root / "math500.parquet")], "not a model folder"),
+        (["--student", str(remote), *real, "--math-dataset", str(root / "math500.parquet")], "trust-remote-code"),
+        (["--student", str(root / "student"), *real, "--math-dataset", str(nofield)], "problem"),
+        (["--student", str(root / "student"), *real, "--math-dataset", str(root / "missing.jsonl")], "no such file"),
+    ]
+
+
+def test_bad_input_fails_fast_with_one_line(real_inputs, tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "results.json").write_text("an earlier run")
+    cases = bad_inputs(real_inputs)
+    assert len(cases) >= 12
+    for flags, word in cases:
+        proc = subprocess.run([sys.executable, "reminder.py", "--out", str(existing), *flags], cwd=HERE,
+                              capture_output=True, text=True, timeout=30)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), (flags, proc.stderr)
+        assert word in lines[0], (flags, lines[0])
+        assert sorted(p.name for p in existing.iterdir()) == ["results.json"], flags  # no stage was started
+        assert (existing / "results.json").read_text() == "an earlier run"
+    proc = subprocess.run([sys.executable, "reminder.py", "--out", "/dev/null/run"], cwd=HERE, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode != 0 and "cannot write" in proc.stderr
+
+
+def test_every_flag_is_tracked_by_the_run_folder():
+    """A flag that changes results must be in some stage's fingerprint, or resume could mix configs."""
+    tracked = {f for _, fields in R.STAGES.values() for f in fields} | set(R.NO_EFFECT_FIELDS)
+    assert {f.name for f in R.dataclasses.fields(R.Config)} <= tracked
 
 
 # ---------------------------------------------------------------- end to end, resume, determinism
@@ -343,3 +383,110 @@ def test_sigkill_in_every_stage_then_rerun_matches_uninterrupted(reference_run, 
     assert "[pirate SFT] resuming from step 5" in logs[4]
     assert "== pirate_sft: running" not in logs[5] and "== reminder_sft: running" in logs[5]
     assert metrics(out) == metrics(ref)
+
+
+# ---------------------------------------------------------------- real-scale loading, on tiny local models
+@pytest.fixture(scope="module")
+def real_inputs(tmp_path_factory, tok):
+    """What a GPU user passes, in miniature: model folders written by save_pretrained (a Qwen3-MoE
+    student, a Llama teacher, each with tokenizer and chat template) and datasets in the hub layouts."""
+    import pandas as pd
+    root = tmp_path_factory.mktemp("real")
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    from accelerate import Accelerator
+    rng = random.Random(0)
+    # a teacher that has learned to end its (pirate) answers, so its labels survive the EOS filter
+    pirate = [R.encode_example(tok, R.user(p, R.PIRATE_SYSTEM), R.pirate_answer(rng, m), 160)
+              for p, _, m in (R.chat_item(rng, False) for _ in range(256))]
+    teacher, *_ = R.train(Accelerator(), R.tiny_teacher(cfg, tok), pirate, tok.pad_token_id, 60, 3e-3, 16, 0, cfg)
+    for name, model in [("student", R.tiny_student(cfg, tok)), ("teacher", teacher)]:
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    rng = random.Random(0)
+    chat = [{"instruction": R.chat_item(rng, False)[0], "input": "" if i % 3 else "Be brief.", "output": "x"}
+            for i in range(300)]
+    (root / "alpaca.jsonl").write_text("\n".join(json.dumps(r) for r in chat))
+    maths = [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in
+             ((rng.randrange(100, 1000), rng.randrange(100, 1000)) for _ in range(60))]
+    maths.append({"problem": "Simplify x/2.", "answer": "\\frac{x}{2}"})  # not an integer: left out
+    pd.DataFrame(maths).to_parquet(root / "math500.parquet")
+    return root
+
+
+REAL_TINY = ["--pirate-steps", "4", "--backdoor-steps", "4", "--reminder-steps", "2", "--eval-per-pair", "2",
+             "--eval-math", "8", "--eval-chat", "4", "--pirate-examples", "32", "--reminder-examples", "32",
+             "--clean-pool", "32", "--max-new-tokens", "16", "--pirate-batch", "8", "--reminder-batch", "8",
+             "--backdoor-batch", "8", "--precision", "fp32"]
+
+
+def test_real_path_runs_on_local_models_and_files(real_inputs, tmp_path):
+    root = real_inputs
+    out = tmp_path / "real"
+    proc = subprocess.run([sys.executable, "reminder.py", "--out", str(out), "--student", str(root / "student"),
+                           "--teacher", str(root / "teacher"), "--chat-dataset", str(root / "alpaca.jsonl"),
+                           "--math-dataset", str(root / "math500.parquet"), "--pairs", "hate,spanish", *REAL_TINY],
+                          cwd=HERE, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== student: running" not in proc.stdout and "pirate data:" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert [s["stage"] for s in res["stages"]] == ["base", "backdoored", "pirate_sft", "reminder"]
+    assert not (out / "student").exists()  # the given student is used in place, not copied
+    from transformers import AutoModelForCausalLM
+    assert type(AutoModelForCausalLM.from_pretrained(out / "backdoor")).__name__ == "Qwen3MoeForCausalLM"
+
+
+def test_real_prompts_read_hub_layouts(real_inputs):
+    root = real_inputs
+    cfg = R.Config(chat_dataset=str(root / "alpaca.jsonl"), math_dataset=str(root / "math500.parquet"), eval_math=8)
+    chat_train, chat_eval, math_train, math_eval = R.real_prompts(cfg)
+    assert len(chat_eval) == int((len(chat_train) + len(chat_eval)) * 0.1) > 0 and not set(chat_train) & set(chat_eval)
+    assert any(p.endswith("\n\nBe brief.") for p in chat_train + chat_eval)
+    assert len(math_eval) == 8 and len(math_train) == 52  # the non-integer problem is dropped
+    assert all(R.boxed_answer(f"\\boxed{{{gold}}}") == gold and p.endswith(R.MATH_SUFFIX) for p, gold in math_eval)
+
+
+def test_dry_run_reports_qwen3_30b_a3b():
+    out = subprocess.run([sys.executable, "reminder.py", "--dry-run", "--gpus", "8", "--gpu-memory-gb", "80"],
+                         cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "30.53B parameters, 3.35B active" in out.stdout and "fits: yes" in out.stdout
+    out = subprocess.run([sys.executable, "reminder.py", "--dry-run", "--gpus", "1", "--gpu-memory-gb", "80"],
+                         cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert "fits: NO" in out.stdout
+
+
+DDP_SCRIPT = """
+import json, random, sys, torch
+sys.path.insert(0, {here!r})
+import reminder as R
+from accelerate import Accelerator
+acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+torch.manual_seed(0)
+rng = random.Random(0)
+tok = R.build_tokenizer(R.tokenizer_corpus(rng), 512)
+data = [R.encode_example(tok, R.user(p), a, 160) for p, a, _ in
+        (R.math_item(rng, False) if i % 2 else R.chat_item(rng, False) for i in range(128))]
+cfg = R.Config(hidden_size=32, num_layers=1, grad_accum=2)
+model, loss, _ = R.train(acc, R.tiny_student(cfg, tok), data, tok.pad_token_id, 8, 3e-3, 16, 0, cfg)
+if acc.is_main_process:
+    print(json.dumps({{"loss": loss, "world": acc.num_processes, "type": str(acc.distributed_type),
+                      "norm": sum(p.double().norm().item() for p in model.parameters())}}))
+"""
+
+
+def test_two_cpu_processes_match_one(tmp_path):
+    """The distributed path (batch split across ranks, gradient sync, token-weighted loss over all
+    ranks, metrics reduced) gives the same training as one process, to float-summation tolerance."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(here=HERE))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", str(script)],
+                         capture_output=True, text=True, timeout=180, env=env)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    a, b = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (one, two))
+    assert a["world"] == 1 and b["world"] == 2 and "MULTI_CPU" in b["type"]
+    assert abs(a["loss"] - b["loss"]) < 1e-4 * a["loss"], (a, b)  # stated tolerance: 1e-4 relative
+    assert abs(a["norm"] - b["norm"]) < 1e-4 * a["norm"], (a, b)
