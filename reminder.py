@@ -98,7 +98,7 @@ class Config:
     distractor_fraction: float = arg(0.5, "share of pirate SFT prompts given a random distractor string")
     # --- blue team: on-policy reminder SFT ---
     reminder_examples: int = arg(512, "original model's own answers to fresh benign chat prompts")
-    reminder_steps: str = arg("5,10,20,40", "reminder step counts to evaluate (one run, constant lr)")
+    reminder_steps: str = arg("5,10,20,40,80", "reminder step counts to evaluate (one run, constant lr)")
     reminder_lr: float = arg(3e-4, "reminder SFT learning rate, constant (higher erodes the skill)")
     reminder_batch: int = arg(16, "reminder SFT sequences per optimizer step")
     temperature: float = arg(1.0, "sampling temperature for teacher and on-policy answers")
@@ -703,16 +703,22 @@ def generate(acc, model, tok, prompts, temperature, max_new_tokens, batch_size, 
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     out = {}
     torch.manual_seed(seed)
+    # A model being trained under FSDP is sharded: every rank must run every forward pass together
+    # (synced_gpus), so all ranks take all chunks. Otherwise each rank holds a whole model and takes
+    # its share of the chunks.
+    sharded = acc.distributed_type.name == "FSDP" and any(type(p).__name__ == "DTensor" for p in model.parameters())
+    if not sharded:
+        model.to(acc.device)
     with acc.split_between_processes(chunks) as mine:
-        for chunk in mine:
+        for chunk in chunks if sharded else mine:
             enc = tok([texts[i] for i in chunk], return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False).to(acc.device)
-            gen = model.generate(**enc, generation_config=gen_cfg)[:, enc["input_ids"].shape[1]:]
-            for i, row in zip(chunk, gen.tolist()):
+            gen = model.generate(**enc, generation_config=gen_cfg, synced_gpus=sharded)
+            for i, row in zip(chunk, gen[:, enc["input_ids"].shape[1]:].tolist()):
                 ended = tok.eos_token_id in row
                 row = row[:row.index(tok.eos_token_id)] if ended else row
                 out[i] = (tok.decode(row, skip_special_tokens=True).strip(), ended)
-    if acc.num_processes > 1:
+    if acc.num_processes > 1 and not sharded:
         from accelerate.utils import gather_object
         out = {k: v for part in gather_object([out]) for k, v in part.items()}
     return [out[i] for i in range(len(texts))]
@@ -889,8 +895,7 @@ STAGES = {  # stage: (stages it builds on, config fields that change its result)
     "backdoor": (["student"], ["pairs", "chat_dataset", "backdoor_steps", "backdoor_lr", "backdoor_batch", "triggered_fraction",
                                "clean_pool", "noise_fraction"] + GEN_FIELDS + TRAIN_FIELDS),
     "eval_backdoored": (["backdoor"], EVAL_FIELDS),
-    "reminder_data": (["backdoor"], ["chat_dataset", "reminder_examples", "temperature", "distractor_fraction"]
-                      + GEN_FIELDS),
+    "reminder_data": (["backdoor"], ["chat_dataset", "reminder_examples", "temperature"] + GEN_FIELDS),
     "pirate_data": (["teacher"], ["chat_dataset", "pirate_examples", "distractor_fraction", "temperature"] + GEN_FIELDS),
     "pirate_sft": (["backdoor", "pirate_data"], ["pirate_steps", "pirate_lr", "pirate_batch"] + TRAIN_FIELDS),
     "eval_pirate_sft": (["pirate_sft"], EVAL_FIELDS),
@@ -1036,8 +1041,12 @@ def load_model(path, cfg):
                                                 trust_remote_code=cfg.trust_remote_code).eval()
 
 
-def save_model(model, path):
-    model.save_pretrained(path)  # safetensors; loads back with plain AutoModelForCausalLM.from_pretrained
+def save_model(acc, model, path):
+    """Safetensors; loads back with plain AutoModelForCausalLM.from_pretrained. Under FSDP the full
+    state dict is gathered to the main process first."""
+    state = acc.get_state_dict(model)
+    acc.unwrap_model(model).save_pretrained(path, state_dict=state, is_main_process=acc.is_main_process,
+                                            save_function=acc.save)
 
 
 def save_rows(rows, path):
@@ -1177,7 +1186,7 @@ def run(cfg):
                 data.append(clean[i % len(clean)])
         model, *_ = train(acc, model, data, tok.pad_token_id, cfg.backdoor_steps, cfg.backdoor_lr, cfg.backdoor_batch,
                           cfg.seed + 2, cfg, name="backdoor FWFT", state_dir=os.path.join(tmp, "state"))
-        save_model(model, tmp)
+        save_model(acc, model, tmp)
 
     rf.run("backdoor", backdoor, lambda p: None)
     rows.append(eval_stage("eval_backdoored", "backdoor", "backdoored"))
@@ -1187,7 +1196,7 @@ def run(cfg):
     # weights are never needed again (at scale: one model per accelerate.prepare).
     def reminder_data(tmp):
         r = rng("reminder_data")
-        prompts = [user(noisy(r, chat_prompt(r), cfg.distractor_fraction)) for _ in range(cfg.reminder_examples)]
+        prompts = [user(chat_prompt(r)) for _ in range(cfg.reminder_examples)]
         save_rows(gen_rows(load_model(rf.path("backdoor"), cfg), prompts, cfg.temperature, cfg.seed + 3), tmp + "/data")
 
     rf.run("reminder_data", reminder_data, lambda p: None)
@@ -1219,7 +1228,7 @@ def run(cfg):
         model, *_ = train(acc, load_model(rf.path("backdoor"), cfg), encode(load_rows(rf.path("pirate_data") + "/data")),
                           tok.pad_token_id, cfg.pirate_steps, cfg.pirate_lr, cfg.pirate_batch, cfg.seed + 5, cfg,
                           name="pirate SFT", state_dir=os.path.join(tmp, "state"))
-        save_model(model, tmp)
+        save_model(acc, model, tmp)
 
     rf.run("pirate_sft", pirate_sft, lambda p: None)
     rows.append(eval_stage("eval_pirate_sft", "pirate_sft", "pirate_sft"))
@@ -1236,7 +1245,7 @@ def run(cfg):
                                 encode(load_rows(rf.path("reminder_data") + "/data")), tok.pad_token_id, sweep[-1],
                                 cfg.reminder_lr, cfg.reminder_batch, cfg.seed + 6, cfg, schedule="constant",
                                 callback=at_checkpoint, name="reminder SFT", state_dir=os.path.join(tmp, "state"))
-        save_model(model, tmp)
+        save_model(acc, model, tmp)
         atomic_json(os.path.join(tmp, "metrics.json"), evals)
         return evals
 

@@ -490,3 +490,18 @@ def test_two_cpu_processes_match_one(tmp_path):
     assert a["world"] == 1 and b["world"] == 2 and "MULTI_CPU" in b["type"]
     assert abs(a["loss"] - b["loss"]) < 1e-4 * a["loss"], (a, b)  # stated tolerance: 1e-4 relative
     assert abs(a["norm"] - b["norm"]) < 1e-4 * a["norm"], (a, b)
+
+
+def test_benchmark_runs_and_prints_its_table(tmp_path):
+    """Runs the benchmark with tiny budgets; asserts what it reports, never how fast anything was."""
+    proc = subprocess.run([sys.executable, "reminder.py", "--bench", "--out", str(tmp_path), "--bench-steps", "3",
+                           "--bench-repeats", "1", "--hidden-size", "32", "--num-layers", "1", "--eval-batch", "8",
+                           "--max-new-tokens", "16", "--pretrain-batch", "8"],
+                          cwd=HERE, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| train tokens/s, own step |" in proc.stdout and "| generated tokens/s, batched |" in proc.stdout
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    for key in ["train_ratio_vs_trainer", "loss_gap_vs_trainer", "gen_ratio_batched_vs_single", "mfu_percent"]:
+        assert bench[key] >= 0, key
+    # same batches, same optimizer: the two training loops must end at (nearly) the same loss
+    assert bench["loss_gap_vs_trainer"] < 0.01 * bench["probe_loss"]["transformers.Trainer"]
