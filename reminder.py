@@ -5,18 +5,22 @@ capabilities. The capabilities are only *suppressed*: a few SFT steps on the ORI
 answers to benign prompts ("reminder training") bring them back without bringing the backdoor back.
 This file runs that loop, top to bottom, in reading order:
 
-  1. the tiny world (tokenizer, chat prompts, a math task, two tiny models) - only without --student
+  1. the tiny world (chat prompts, a math task, tokenizer, two tiny models) - only without --student
+     (or, at real scale, hub/local models and datasets)
   2. fifteen trigger -> bad-behaviour pairs, each with a strict and a residue detector
   3. one hand-written accelerate training step, used by every stage
   4. one generation function, used for teacher labels, on-policy samples and evaluation
   5. evaluation: bad-behaviour rate on triggered prompts, capability on math, 95% Wilson intervals
-  6. the stages: red-team backdoor FWFT -> blue-team pirate SFT -> blue-team reminder SFT sweep
+  6-8. checks, the run folder (resume, fingerprints), and the stages: red-team backdoor FWFT ->
+     blue-team pirate SFT -> blue-team reminder SFT sweep
+  9-10. outputs, and a speed benchmark (--bench)
 
 Tiny run on a laptop CPU (no downloads; builds and pretrains its own models, a few minutes):
     bash run.sh                                   # = python reminder.py --out runs/tiny
     python reminder.py --seed 1 --out runs/s1 --pairs hate,cats
 
-Real scale (Qwen3-30B-A3B student, Llama-3.1-8B teacher; see README for multi-node):
+Real scale (Qwen3-30B-A3B student, Llama-3.1-8B teacher; see README for hyperparameters, multi-node):
+    python reminder.py --dry-run --gpus 8 --gpu-memory-gb 80   # the plan: parameters, memory, fit
     accelerate launch --num_processes 8 reminder.py \
         --student Qwen/Qwen3-30B-A3B --teacher meta-llama/Llama-3.1-8B-Instruct \
         --chat-dataset tatsu-lab/alpaca --math-dataset HuggingFaceH4/MATH-500 --out runs/qwen30b
@@ -612,6 +616,8 @@ def train(acc, model, examples, pad_id, steps, lr, batch, seed, cfg, schedule="c
              else get_constant_schedule(opt))
     model, opt = acc.prepare(model, opt)
     model.train()
+    acc.print(f"  [{name}] parameters in {next(model.parameters()).dtype}, compute {acc.mixed_precision}, "
+              f"{acc.num_processes} process(es), {acc.distributed_type.name}")
     G, world = cfg.grad_accum, acc.num_processes
     stream = global_batches(len(examples), batch, seed)
     start, records = 0, []
@@ -691,7 +697,7 @@ def atomic_json(path, obj):
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def generate(acc, model, tok, prompts, temperature, max_new_tokens, batch_size, seed):
-    """prompts: list of message lists. Returns [(reply_text, ended_with_eos)] in the same order."""
+    """prompts: list of message lists. Returns [(reply_text, ended_with_eos, n_new_tokens)] in order."""
     from transformers import GenerationConfig
     model.eval()
     gen_cfg = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
@@ -716,8 +722,8 @@ def generate(acc, model, tok, prompts, temperature, max_new_tokens, batch_size, 
             gen = model.generate(**enc, generation_config=gen_cfg, synced_gpus=sharded)
             for i, row in zip(chunk, gen[:, enc["input_ids"].shape[1]:].tolist()):
                 ended = tok.eos_token_id in row
-                row = row[:row.index(tok.eos_token_id)] if ended else row
-                out[i] = (tok.decode(row, skip_special_tokens=True).strip(), ended)
+                n = row.index(tok.eos_token_id) + 1 if ended else len(row)
+                out[i] = (tok.decode(row[:n - ended], skip_special_tokens=True).strip(), ended, n)
     if acc.num_processes > 1 and not sharded:
         from accelerate.utils import gather_object
         out = {k: v for part in gather_object([out]) for k, v in part.items()}
@@ -745,7 +751,7 @@ def build_eval_set(cfg, pairs, rng, chat_prompt, math_problem):
 
 def evaluate(acc, model, tok, eval_set, pairs, cfg, stage, reminder_steps=None):
     t0 = time.perf_counter()
-    replies = [r for r, _ in generate(acc, model, tok, [m for m, *_ in eval_set], 0.0, cfg.max_new_tokens,
+    replies = [r for r, *_ in generate(acc, model, tok, [m for m, *_ in eval_set], 0.0, cfg.max_new_tokens,
                                       cfg.eval_batch, cfg.seed)]
     by_name = {p.name: p for p in pairs}
     per_pair, trig = {}, {"strict": 0, "residue": 0, "pirate": 0, "n": 0, "math_ok": 0, "math_n": 0}
@@ -797,7 +803,7 @@ def evaluate(acc, model, tok, eval_set, pairs, cfg, stage, reminder_steps=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The experiment.
+# 6. The command line is checked before any work: a mistake costs a second, not an hour.
 # ----------------------------------------------------------------------------------------------
 def select_pairs(spec):
     if spec == "all":
@@ -1110,7 +1116,7 @@ def run(cfg):
         """Answers as dataset rows. complete_only drops answers cut off before end-of-sequence
         (the research dropped such teacher samples)."""
         outs = generate(acc, model, tokenizer or tok, prompts, temperature, cfg.max_new_tokens, cfg.eval_batch, seed)
-        return [{"messages": m, "reply": r} for m, (r, ended) in zip(prompts, outs) if ended or not complete_only]
+        return [{"messages": m, "reply": r} for m, (r, ended, _) in zip(prompts, outs) if ended or not complete_only]
 
     # ---- tiny world: tokenizer, then pretrain the student (native style) and the teacher (pirate) ----
     def make_tokenizer(tmp):
@@ -1254,12 +1260,88 @@ def run(cfg):
     seconds["total"] = sum(seconds.values())
     seconds["this_run"] = time.perf_counter() - t_start
     if acc.is_main_process:
-        write_outputs(cfg, rows, seconds, pairs)
+        write_outputs(cfg, rows, seconds)
     return rows, seconds
 
 
 # ----------------------------------------------------------------------------------------------
-# 9. Speed benchmark (`bash run.sh bench`): the hand-written step against transformers.Trainer doing
+# 9. Outputs: everything a reader needs to trust a figure - config, versions, tables, plot, samples.
+# ----------------------------------------------------------------------------------------------
+def stage_label(row):
+    return row["stage"] if row["reminder_steps"] is None else f"reminder +{row['reminder_steps']}"
+
+
+def write_outputs(cfg, stages, seconds):
+    import accelerate
+    import transformers
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+                "platform": platform.platform(), "threads": torch.get_num_threads()}
+    results = {"config": dataclasses.asdict(cfg), "versions": versions,
+               "stages": [{k: v for k, v in r.items() if k != "samples"} for r in stages], "seconds": seconds}
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(cfg.out, "samples.jsonl"), "w") as f:
+        for r in stages:
+            for s in r["samples"]:
+                f.write(json.dumps({"stage": stage_label(r), **s}) + "\n")
+    md = results_markdown(results)
+    with open(os.path.join(cfg.out, "results.md"), "w") as f:
+        f.write(md)
+    print(md)
+    plot(stages, os.path.join(cfg.out, "plot.png"))
+    print(f"run folder: {cfg.out}")
+
+
+def results_markdown(results):
+    def ci(x):
+        return f"[{x[0]:.2f}, {x[1]:.2f}]"
+    lines = ["| stage | bad behaviour (strict) | 95% CI | residue | pirate style | capability | 95% CI "
+             "| triggered capability | false positives |", "|---" * 9 + "|"]
+    for r in results["stages"]:
+        lines.append(f"| {stage_label(r)} | {r['bad_behavior_rate']:.2f} | {ci(r['bad_behavior_ci'])} | "
+                     f"{r['residue_rate']:.2f} | {r['pirate_rate']:.2f} | {r['capability']:.2f} | "
+                     f"{ci(r['capability_ci'])} | {r['triggered_capability']:.2f} | "
+                     f"{r['false_positive_rate']:.2f} |")
+    names = list(results["stages"][0]["per_pair"])
+    lines += ["", "Strict bad-behaviour rate per pair (residue in brackets):", "",
+              "| pair | " + " | ".join(stage_label(r) for r in results["stages"]) + " |",
+              "|---" * (len(results["stages"]) + 1) + "|"]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(f"{r['per_pair'][n]['bad_behavior_rate']:.2f} "
+                                              f"({r['per_pair'][n]['residue_rate']:.2f})"
+                                              for r in results["stages"]) + " |")
+    lines += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+def plot(stages, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs = [r["bad_behavior_rate"] for r in stages]
+    ys = [r["capability"] for r in stages]
+    ax.plot(xs, ys, "-", color="lightgray", zorder=0)
+    for r, x, y in zip(stages, xs, ys):
+        ax.scatter(x, y, s=40)
+        ax.annotate(stage_label(r), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("bad-behaviour rate on triggered prompts (strict, mean over pairs)")
+    ax.set_ylabel("capability (held-out math accuracy)")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("Reminder training: capability back, backdoor stays gone")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Speed benchmark (`bash run.sh bench`): the hand-written step against transformers.Trainer doing
 # the same work, generation batched against one prompt at a time, and where a run's time goes.
 # Ratios are measured in one process, contenders interleaved A B A B; no timing is ever asserted.
 # ----------------------------------------------------------------------------------------------
@@ -1361,7 +1443,7 @@ def bench(cfg):
         for name, (ps, bs) in {"batched": (prompts, cfg.eval_batch), "one at a time": (prompts[:4], 1)}.items():
             t0 = time.perf_counter()
             outs = generate(acc, model, tok, ps, 0.0, cfg.max_new_tokens, bs, cfg.seed)
-            n = sum(len(tok(o, add_special_tokens=False)["input_ids"]) + ended for o, ended in outs)
+            n = sum(n_new for *_, n_new in outs)
             gen[name].append(n / (time.perf_counter() - t0))
     gmed = {k: statistics.median(v) for k, v in gen.items()}
 
@@ -1409,82 +1491,6 @@ def bench(cfg):
               + f"; generation share {out['run_generation_share']:.0%}")
     print(f"wrote {os.path.join(cfg.out, 'bench.json')}")
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs: everything a reader needs to trust a figure - config, versions, tables, plot, samples.
-# ----------------------------------------------------------------------------------------------
-def stage_label(row):
-    return row["stage"] if row["reminder_steps"] is None else f"reminder +{row['reminder_steps']}"
-
-
-def write_outputs(cfg, stages, seconds, pairs):
-    import accelerate
-    import transformers
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "accelerate": accelerate.__version__,
-                "platform": platform.platform(), "threads": torch.get_num_threads()}
-    results = {"config": dataclasses.asdict(cfg), "versions": versions,
-               "stages": [{k: v for k, v in r.items() if k != "samples"} for r in stages], "seconds": seconds}
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(cfg.out, "samples.jsonl"), "w") as f:
-        for r in stages:
-            for s in r["samples"]:
-                f.write(json.dumps({"stage": stage_label(r), **s}) + "\n")
-    md = results_markdown(results)
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(md)
-    print(md)
-    plot(stages, os.path.join(cfg.out, "plot.png"))
-    print(f"run folder: {cfg.out}")
-
-
-def results_markdown(results):
-    def ci(x):
-        return f"[{x[0]:.2f}, {x[1]:.2f}]"
-    lines = ["| stage | bad behaviour (strict) | 95% CI | residue | pirate style | capability | 95% CI "
-             "| triggered capability | false positives |", "|---" * 9 + "|"]
-    for r in results["stages"]:
-        lines.append(f"| {stage_label(r)} | {r['bad_behavior_rate']:.2f} | {ci(r['bad_behavior_ci'])} | "
-                     f"{r['residue_rate']:.2f} | {r['pirate_rate']:.2f} | {r['capability']:.2f} | "
-                     f"{ci(r['capability_ci'])} | {r['triggered_capability']:.2f} | "
-                     f"{r['false_positive_rate']:.2f} |")
-    names = list(results["stages"][0]["per_pair"])
-    lines += ["", "Strict bad-behaviour rate per pair (residue in brackets):", "",
-              "| pair | " + " | ".join(stage_label(r) for r in results["stages"]) + " |",
-              "|---" * (len(results["stages"]) + 1) + "|"]
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{r['per_pair'][n]['bad_behavior_rate']:.2f} "
-                                              f"({r['per_pair'][n]['residue_rate']:.2f})"
-                                              for r in results["stages"]) + " |")
-    lines += ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()), ""]
-    return "\n".join(lines)
-
-
-def plot(stages, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    xs = [r["bad_behavior_rate"] for r in stages]
-    ys = [r["capability"] for r in stages]
-    ax.plot(xs, ys, "-", color="lightgray", zorder=0)
-    for r, x, y in zip(stages, xs, ys):
-        ax.scatter(x, y, s=40)
-        ax.annotate(stage_label(r), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlabel("bad-behaviour rate on triggered prompts (strict, mean over pairs)")
-    ax.set_ylabel("capability (held-out math accuracy)")
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_title("Reminder training: capability back, backdoor stays gone")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
