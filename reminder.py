@@ -30,6 +30,7 @@ Not a library: read it, run it, fork it.
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -73,7 +74,7 @@ class Config:
     precision: str = arg("auto", "fp32 | bf16 | bf16-mixed (fp32 master weights); auto = fp32 tiny, bf16-mixed real")
     activation_checkpointing: bool = arg(False, "recompute activations in the backward pass (real scale)")
     dry_run: bool = arg(False, "print the memory/compute plan for the given models and GPUs, then exit")
-    gpus: int = arg(8, "GPUs per node for --dry-run and the FSDP plan")
+    gpus: int = arg(8, "GPUs per node for --dry-run (a launched run uses accelerate's process count)")
     nodes: int = arg(1, "nodes for --dry-run")
     gpu_memory_gb: float = arg(80.0, "memory of one GPU in GB for --dry-run")
     # --- tiny world sizes ---
@@ -619,6 +620,8 @@ def train(acc, model, examples, pad_id, steps, lr, batch, seed, cfg, schedule="c
     acc.print(f"  [{name}] parameters in {next(model.parameters()).dtype}, compute {acc.mixed_precision}, "
               f"{acc.num_processes} process(es), {acc.distributed_type.name}")
     G, world = cfg.grad_accum, acc.num_processes
+    if batch // G < world:
+        sys.exit(f"error: {name}: {batch} sequences / {G} micro-batches leaves nothing for some of {world} processes")
     stream = global_batches(len(examples), batch, seed)
     start, records = 0, []
     if state_dir and os.path.exists(os.path.join(state_dir, "latest.json")):
@@ -1132,20 +1135,13 @@ def run(cfg):
     tok.pad_token = tok.pad_token or tok.eos_token  # Llama-style tokenizers have no pad token
     if cfg.student:
         chat_train, chat_eval, math_train, math_eval = real_prompts(cfg)
-        eval_chat, eval_math = iter(chat_eval * (1 + cfg.eval_chat // len(chat_eval))), iter(math_eval)
+        eval_chat, eval_math = itertools.cycle(chat_eval), itertools.cycle(math_eval)
 
-        def chat_prompt(r, holdout=False):
+        def chat_prompt(r, holdout=False):  # held-out prompts are taken in order (and reused if too few)
             return next(eval_chat) if holdout else r.choice(chat_train)
 
-        def math_problem(r, holdout=False):  # the held-out problems in order, then again for triggered ones
-            nonlocal eval_math
-            if not holdout:
-                return r.choice(math_train)
-            item = next(eval_math, None)
-            if item is None:
-                eval_math = iter(math_eval)
-                item = next(eval_math)
-            return item
+        def math_problem(r, holdout=False):
+            return next(eval_math) if holdout else r.choice(math_train)
     else:
         def chat_prompt(r, holdout=False):
             return chat_item(r, holdout)[0]
@@ -1155,8 +1151,8 @@ def run(cfg):
             return prompt, gold
 
     def model_path(stage):  # real scale: the student and teacher are the given models, not trained here
-        return {"student": cfg.student, "teacher": cfg.teacher}.get(stage) or rf.path(stage) if cfg.student \
-            else rf.path(stage)
+        given = {"student": cfg.student, "teacher": cfg.teacher} if cfg.student else {}
+        return given.get(stage) or rf.path(stage)
 
     if not cfg.student:  # pretrain the tiny student (native style) and teacher (pirate when told)
         for role in ("student", "teacher"):
