@@ -1330,7 +1330,7 @@ def plot(stages, path):
     ax.set_ylabel("capability (held-out math accuracy)")
     ax.set_xlim(-0.05, 1.05)
     ax.set_ylim(-0.05, 1.05)
-    ax.set_title("Reminder training: capability back, backdoor stays gone")
+    ax.set_title("Capability vs bad behaviour after each stage")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
