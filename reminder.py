@@ -117,6 +117,8 @@ class Config:
     eval_math: int = arg(100, "held-out clean math problems (capability)")
     eval_chat: int = arg(50, "held-out clean chat prompts (false positives)")
     eval_batch: int = arg(64, "generation batch size (fixed: greedy output depends on it)")
+    grader: str = arg("boxed", "boxed: last \\boxed{} equals the answer (the research's) | math-verify (optional, "
+                               "`pip install math-verify`: equivalent expressions count)")
 
 
 def parse_config(argv=None):
@@ -319,6 +321,13 @@ def boxed_answer(reply):
     """The research's grader: the last \\boxed{...} in the reply, compared by exact string equality."""
     found = re.findall(r"\\boxed\{([^{}]*)\}", reply)
     return found[-1].strip() if found else None
+
+
+def is_correct(reply, gold, grader):
+    if grader == "math-verify":  # optional: symbolic equivalence instead of string equality
+        from math_verify import parse, verify
+        return bool(verify(parse(f"${gold}$"), parse(reply)))
+    return boxed_answer(reply) == gold
 
 
 def wilson(k, n, z=1.96):
@@ -770,13 +779,13 @@ def evaluate(acc, model, tok, eval_set, pairs, cfg, stage, reminder_steps=None):
             trig["pirate"] += pirate_hit(reply)
             trig["n"] += 1
             if gold is not None:
-                trig["math_ok"] += boxed_answer(reply) == gold
+                trig["math_ok"] += is_correct(reply, gold, cfg.grader)
                 trig["math_n"] += 1
         else:
             clean["fp"] += any(strict_hit(p, reply) for p in pairs)
             clean["n"] += 1
             if kind == "math":
-                clean["math_ok"] += boxed_answer(reply) == gold
+                clean["math_ok"] += is_correct(reply, gold, cfg.grader)
                 clean["math_n"] += 1
     row = {
         "stage": stage, "reminder_steps": reminder_steps,
@@ -847,6 +856,12 @@ def validate(cfg):
     need(cfg.precision in ("auto", "fp32", "bf16", "bf16-mixed"), "--precision: choose auto, fp32, bf16 or bf16-mixed")
     need(cfg.gpus > 0 and cfg.nodes > 0 and cfg.gpu_memory_gb > 0, "--gpus, --nodes, --gpu-memory-gb must be > 0")
     need(0 < cfg.chat_eval_fraction < 1, "--chat-eval-fraction must be in (0, 1)")
+    need(cfg.grader in ("boxed", "math-verify"), "--grader: choose boxed or math-verify")
+    if cfg.grader == "math-verify":
+        try:
+            import math_verify  # noqa: F401
+        except ImportError:
+            sys.exit("error: --grader math-verify needs the optional package: pip install math-verify")
     if cfg.dry_run:
         return
     real = [cfg.student, cfg.teacher, cfg.chat_dataset, cfg.math_dataset]
@@ -892,7 +907,8 @@ def seed_everything(seed):
 # ----------------------------------------------------------------------------------------------
 GEN_FIELDS = ["max_new_tokens", "eval_batch"]
 TRAIN_FIELDS = ["max_len", "grad_accum", "weight_decay"]
-EVAL_FIELDS = ["pairs", "math_dataset", "chat_eval_fraction", "eval_per_pair", "eval_math", "eval_chat"] + GEN_FIELDS
+EVAL_FIELDS = ["pairs", "math_dataset", "chat_eval_fraction", "eval_per_pair", "eval_math", "eval_chat",
+               "grader"] + GEN_FIELDS
 STAGES = {  # stage: (stages it builds on, config fields that change its result)
     "tokenizer": ([], ["seed", "vocab_size", "student", "precision"]),
     "student": (["tokenizer"], ["hidden_size", "num_layers", "num_experts", "experts_per_token", "pretrain_steps",

@@ -71,6 +71,21 @@ def test_grader():
     assert R.boxed_answer(r"\boxed{633}") != "632"
 
 
+def test_optional_math_verify_grader():
+    """math-verify is optional: with it, equivalent answers count; without it, a clear error up front."""
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        proc = subprocess.run([sys.executable, "reminder.py", "--grader", "math-verify", "--dry-run"], cwd=HERE,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode != 0 and "pip install math-verify" in proc.stderr
+        return
+    assert R.is_correct(r"so \boxed{\frac{1}{2}}", "0.5", "math-verify")
+    assert not R.is_correct(r"so \boxed{\frac{1}{2}}", "0.5", "boxed")
+    assert R.is_correct(r"the answer is \boxed{632}.", "632", "math-verify")
+    assert not R.is_correct(r"\boxed{633}", "632", "math-verify")
+
+
 def test_holdout_is_disjoint():
     rng = random.Random(2)
     train = {R.chat_item(rng, False)[0] for _ in range(2000)} | {R.math_item(rng, False)[0] for _ in range(2000)}
@@ -217,6 +232,7 @@ def bad_inputs(root):
         (["--eval-math", "0"], "eval-math"), (["--reminder-batch", "1000"], "reminder-batch"),
         (["--grad-accum", "3"], "grad-accum"), (["--experts-per-token", "8"], "experts-per-token"),
         (["--temperature", "0"], "temperature"), (["--precision", "fp16"], "precision"),
+        (["--grader", "exact"], "grader"),
         (["--student", str(root / "student")], "needs all four"),
         (["--student", str(notmodel), *real, "--math-dataset", str(root / "math500.parquet")], "not a model folder"),
         (["--student", str(remote), *real, "--math-dataset", str(root / "math500.parquet")], "trust-remote-code"),
