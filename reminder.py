@@ -418,7 +418,7 @@ def pretrain_tiny(role, acc, cfg, tok, rng, out):
     acc.print(f"tiny {role} ({type(model).__name__}): {sum(p.numel() for p in model.parameters()):,} params")
     model, *_ = train(acc, model, data, tok.pad_token_id, steps, cfg.pretrain_lr, cfg.pretrain_batch, seed, cfg,
                       name=f"pretrain {role}", state_dir=os.path.join(out, "state"))
-    model.save_pretrained(out)
+    save_model(acc, model, out)
 
 
 def world_hash():
@@ -695,7 +695,15 @@ def save_training_state(acc, state_dir, step, records):
     acc.wait_for_everyone()
 
 
+def is_main_process():
+    from accelerate import PartialState
+    return PartialState().is_main_process
+
+
 def atomic_json(path, obj):
+    """Write, then rename; only the main process writes (every rank holds the same object)."""
+    if not is_main_process():
+        return
     with open(path + ".part", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".part", path)
@@ -869,9 +877,10 @@ def validate(cfg):
                                      "--math-dataset (or none of them for the tiny world)")
     try:  # the run folder must be writable before anything else happens
         os.makedirs(cfg.out, exist_ok=True)
-        with open(os.path.join(cfg.out, ".write-test"), "w"):
+        probe = os.path.join(cfg.out, f".write-test-{os.getpid()}")  # one per process: ranks run this together
+        with open(probe, "w"):
             pass
-        os.remove(os.path.join(cfg.out, ".write-test"))
+        os.remove(probe)
     except OSError as e:
         sys.exit(f"error: --out {cfg.out}: cannot write there ({e.strerror})")
     if cfg.student:
@@ -959,8 +968,9 @@ def check_run_folder(cfg, fps, fields):
         own = own or {"a setting of a stage it builds on"}
         sys.exit(f"error: --out {cfg.out} holds stage '{name}' made with a different config "
                  f"({', '.join(sorted(own))}); use another --out, or add --recompute to redo it and what follows")
-    for name, path, _ in changed:
-        shutil.rmtree(path)
+    if is_main_process():
+        for name, path, _ in changed:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def file_hashes(path):
@@ -1069,14 +1079,16 @@ def load_model(path, cfg):
 def save_model(acc, model, path):
     """Safetensors; loads back with plain AutoModelForCausalLM.from_pretrained. Under FSDP the full
     state dict is gathered to the main process first."""
-    state = acc.get_state_dict(model)
-    acc.unwrap_model(model).save_pretrained(path, state_dict=state, is_main_process=acc.is_main_process,
-                                            save_function=acc.save)
+    state = acc.get_state_dict(model)  # a collective under FSDP: every rank takes part
+    if acc.is_main_process:
+        acc.unwrap_model(model).save_pretrained(path, state_dict=state, save_function=acc.save)
+    acc.wait_for_everyone()
 
 
 def save_rows(rows, path):
     from datasets import Dataset
-    Dataset.from_list(rows).save_to_disk(path)
+    if is_main_process():  # every rank generated the same rows (gathered)
+        Dataset.from_list(rows).save_to_disk(path)
 
 
 def load_rows(path):
@@ -1121,6 +1133,7 @@ def run(cfg):
     acc = make_accelerator(cfg)
     rf = RunFolder(cfg, acc)
     check_run_folder(cfg, rf.fps, rf.fields)
+    acc.wait_for_everyone()
     seed_everything(cfg.seed)
     pairs = select_pairs(cfg.pairs)
     t_start = time.perf_counter()
@@ -1139,11 +1152,15 @@ def run(cfg):
 
     # ---- tiny world: tokenizer, then pretrain the student (native style) and the teacher (pirate) ----
     def make_tokenizer(tmp):
-        build_tokenizer(tokenizer_corpus(rng("tokenizer")), cfg.vocab_size).save_pretrained(tmp)
+        if acc.is_main_process:
+            build_tokenizer(tokenizer_corpus(rng("tokenizer")), cfg.vocab_size).save_pretrained(tmp)
+        acc.wait_for_everyone()
         return AutoTokenizer.from_pretrained(tmp)
 
     def copy_tokenizer(tmp):  # real scale: the student's own tokenizer and chat template
-        AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code).save_pretrained(tmp)
+        if acc.is_main_process:
+            AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code).save_pretrained(tmp)
+        acc.wait_for_everyone()
         return AutoTokenizer.from_pretrained(tmp)
 
     tok = rf.run("tokenizer", copy_tokenizer if cfg.student else make_tokenizer, AutoTokenizer.from_pretrained,

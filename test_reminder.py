@@ -521,3 +521,20 @@ def test_benchmark_runs_and_prints_its_table(tmp_path):
         assert bench[key] >= 0, key
     # same batches, same optimizer: the two training loops must end at (nearly) the same loss
     assert bench["loss_gap_vs_trainer"] < 0.01 * bench["probe_loss"]["transformers.Trainer"]
+
+
+def test_whole_run_on_two_cpu_processes(tmp_path):
+    """Every stage under torchrun with 2 ranks: only the main process writes, ranks wait for each
+    other around each stage, generation is split and gathered; a re-run skips every finished stage."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29541", "reminder.py", "--out", str(tmp_path / "mp"),
+           *TINY, "--pairs", "hate,cats,spanish"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, (first.stdout[-2000:], first.stderr[-3000:])
+    assert "2 process(es), MULTI_CPU" in first.stdout
+    res = json.loads((tmp_path / "mp" / "results.json").read_text())
+    assert [s["stage"] for s in res["stages"]] == ["base", "backdoored", "pirate_sft", "reminder", "reminder"]
+    assert not list((tmp_path / "mp").glob("*.tmp"))  # every stage was published
+    again = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and ": running" not in again.stdout
