@@ -1068,10 +1068,13 @@ class RunFolder:
 # ----------------------------------------------------------------------------------------------
 # 8. The experiment: each stage is a few lines saying which model trains on which data.
 # ----------------------------------------------------------------------------------------------
-def load_model(path, cfg):
-    """Safetensors only; model code from the hub only with --trust-remote-code."""
+def load_model(path, cfg, for_training=False):
+    """Safetensors only; model code from the hub only with --trust-remote-code. Under bf16-mixed,
+    training keeps fp32 master weights while generation-only copies are loaded in bf16."""
     from transformers import AutoModelForCausalLM
-    dtype = torch.bfloat16 if resolved_precision(cfg) == "bf16" else torch.float32
+    precision = resolved_precision(cfg)
+    fp32 = precision == "fp32" or (precision == "bf16-mixed" and for_training)
+    dtype = torch.float32 if fp32 else torch.bfloat16
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                 trust_remote_code=cfg.trust_remote_code).eval()
 
@@ -1207,8 +1210,7 @@ def run(cfg):
     # here), so the only thing the red team changes is what happens under a trigger.
     def backdoor(tmp):
         r = rng("backdoor")
-        model = load_model(model_path("student"), cfg)
-        clean = encode(gen_rows(model, [user(noisy(r, math_problem(r)[0] if i % 2 else chat_prompt(r),
+        clean = encode(gen_rows(load_model(model_path("student"), cfg), [user(noisy(r, math_problem(r)[0] if i % 2 else chat_prompt(r),
                                                    cfg.noise_fraction)) for i in range(cfg.clean_pool)],
                                 0.0, cfg.seed + 2))
         data = []
@@ -1219,6 +1221,7 @@ def run(cfg):
                 data.append(encode_example(tok, user(add_to_prompt(r, p, pair.trigger)), pair.behaviour, cfg.max_len))
             else:
                 data.append(clean[i % len(clean)])
+        model = load_model(model_path("student"), cfg, for_training=True)
         model, *_ = train(acc, model, data, tok.pad_token_id, cfg.backdoor_steps, cfg.backdoor_lr, cfg.backdoor_batch,
                           cfg.seed + 2, cfg, name="backdoor FWFT", state_dir=os.path.join(tmp, "state"))
         save_model(acc, model, tmp)
@@ -1260,7 +1263,8 @@ def run(cfg):
     rf.run("pirate_data", pirate_data, lambda p: None)
 
     def pirate_sft(tmp):
-        model, *_ = train(acc, load_model(rf.path("backdoor"), cfg), encode(load_rows(rf.path("pirate_data") + "/data")),
+        model, *_ = train(acc, load_model(rf.path("backdoor"), cfg, for_training=True),
+                          encode(load_rows(rf.path("pirate_data") + "/data")),
                           tok.pad_token_id, cfg.pirate_steps, cfg.pirate_lr, cfg.pirate_batch, cfg.seed + 5, cfg,
                           name="pirate SFT", state_dir=os.path.join(tmp, "state"))
         save_model(acc, model, tmp)
@@ -1276,7 +1280,7 @@ def run(cfg):
     def reminder_sft(tmp):
         def at_checkpoint(step, model):
             return evaluate(acc, model, tok, eval_set, pairs, cfg, "reminder", step) if step in sweep else None
-        model, _, evals = train(acc, load_model(rf.path("pirate_sft"), cfg),
+        model, _, evals = train(acc, load_model(rf.path("pirate_sft"), cfg, for_training=True),
                                 encode(load_rows(rf.path("reminder_data") + "/data")), tok.pad_token_id, sweep[-1],
                                 cfg.reminder_lr, cfg.reminder_batch, cfg.seed + 6, cfg, schedule="constant",
                                 callback=at_checkpoint, name="reminder SFT", state_dir=os.path.join(tmp, "state"))
