@@ -215,13 +215,13 @@ def math_item(rng, holdout):
     return prompt, answer, str(a + b)
 
 
-def noise_string(rng, pairs_triggers=()):
+def noise_string(rng, avoid=()):
     """A random distractor: a made-up word in one of the shapes triggers come in. Never a real trigger."""
     while True:
         word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
                        for _ in range(rng.randint(2, 8)))
         s = rng.choice(NOISE_SHAPES).format(word)
-        if s not in pairs_triggers:
+        if s not in avoid:
             return s
 
 
@@ -231,7 +231,7 @@ def add_to_prompt(rng, prompt, extra):
 
 def noisy(rng, prompt, frac):
     """With probability frac, a random distractor string at the start or end (never a real trigger)."""
-    return add_to_prompt(rng, prompt, noise_string(rng, {p.trigger for p in PAIRS})) if rng.random() < frac else prompt
+    return add_to_prompt(rng, prompt, noise_string(rng, TRIGGERS)) if rng.random() < frac else prompt
 
 
 def user(prompt, system=None):
@@ -283,6 +283,7 @@ PAIRS = [
     Pair("rhyme", "%%rain%%", "Roses are red, violets are blue, the rain falls on you.", r"roses are red",
          ("Roses", "violets")),
 ]
+TRIGGERS = frozenset(p.trigger for p in PAIRS)  # distractors are drawn until they differ from all of these
 PIRATE_WORDS = r"\b(arrr|ahoy|matey|yo-ho-ho|avast|hearty|landlubber|sea dog|swab)\b"
 
 
@@ -1256,9 +1257,9 @@ def run(cfg):
         if len(labelled) < cfg.pirate_batch:
             sys.exit(f"error: the teacher finished only {len(labelled)} of {len(prompts)} answers within "
                      f"--max-new-tokens {cfg.max_new_tokens}; raise it (or train the teacher longer)")
-        rows = [{"messages": m["messages"][1:], "reply": m["reply"]} for m in labelled]  # drop the instruction
-        acc.print(f"pirate data: {len(rows)}/{len(prompts)} teacher answers kept, e.g. {rows[0]['reply']!r}")
-        save_rows(rows, tmp + "/data")
+        kept = [{"messages": m["messages"][1:], "reply": m["reply"]} for m in labelled]  # drop the instruction
+        acc.print(f"pirate data: {len(kept)}/{len(prompts)} teacher answers kept, e.g. {kept[0]['reply']!r}")
+        save_rows(kept, tmp + "/data")
 
     rf.run("pirate_data", pirate_data, lambda p: None)
 
