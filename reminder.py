@@ -117,6 +117,8 @@ class Config:
     eval_math: int = arg(100, "held-out clean math problems (capability)")
     eval_chat: int = arg(50, "held-out clean chat prompts (false positives)")
     eval_batch: int = arg(64, "generation batch size (fixed: greedy output depends on it)")
+    generator: str = arg("hf", "hf: transformers generate | vllm: optional (`pip install vllm`), run in a separate "
+                               "process over this node's GPUs, from saved model folders")
     grader: str = arg("boxed", "boxed: last \\boxed{} equals the answer (the research's) | math-verify (optional, "
                                "`pip install math-verify`: equivalent expressions count)")
 
@@ -714,20 +716,26 @@ def atomic_json(path, obj):
 # 4. One generation function: batched, left-padded (so every prompt ends where generation starts),
 # KV cache, greedy (temperature 0) or sampled. It serves teacher labels, the original model's
 # on-policy samples and every evaluation. Prompts are sorted by length to waste little padding; the
-# batch size is fixed because greedy outputs change with it.
+# batch size is fixed because greedy outputs change with it. At real scale, --generator vllm hands the
+# same prompts to vLLM instead (optional; generate_vllm below), and the rest of the file is unchanged.
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(acc, model, tok, prompts, temperature, max_new_tokens, batch_size, seed):
-    """prompts: list of message lists. Returns [(reply_text, ended_with_eos, n_new_tokens)] in order."""
+def generate(acc, model, tok, prompts, temperature, seed, cfg):
+    """prompts: list of message lists; model: a loaded model, or a saved folder / hub id to load.
+    Returns [(reply_text, ended_with_eos, n_new_tokens)] in prompt order."""
     from transformers import GenerationConfig
+    if cfg.generator == "vllm":
+        return generate_vllm(acc, model, tok, prompts, temperature, seed, cfg)
+    if isinstance(model, str):
+        model = load_model(model, cfg)
     model.eval()
     gen_cfg = GenerationConfig(do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                               top_p=None, top_k=None, max_new_tokens=max_new_tokens,
+                               top_p=None, top_k=None, max_new_tokens=cfg.max_new_tokens,
                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     texts = [render(tok, m, True) for m in prompts]
     lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = [order[i:i + cfg.eval_batch] for i in range(0, len(order), cfg.eval_batch)]
     out = {}
     torch.manual_seed(seed)
     # A model being trained under FSDP is sharded: every rank must run every forward pass together
@@ -751,6 +759,68 @@ def generate(acc, model, tok, prompts, temperature, max_new_tokens, batch_size, 
     return [out[i] for i in range(len(texts))]
 
 
+def generate_vllm(acc, path, tok, prompts, temperature, seed, cfg):
+    """--generator vllm: the same prompts and the same return value as generate(). vLLM runs in a fresh
+    process that only the main process starts, tensor-parallel over this node's GPUs: its own
+    distributed setup then never meets accelerate's, and all its GPU memory is freed when it exits.
+    It reads weights from a saved folder (or hub id); the other ranks wait, then read the answers."""
+    import multiprocessing
+    assert isinstance(path, str), "--generator vllm generates from saved model folders"
+    job = os.path.join(cfg.out, "vllm-job")
+    if acc.is_main_process:
+        shutil.rmtree(job, ignore_errors=True)  # never read a killed run's answers
+        os.makedirs(job)
+        free, total = torch.cuda.mem_get_info() if torch.cuda.is_available() else (1, 1)
+        atomic_json(os.path.join(job, "job.json"), {
+            "model": path, "prompts": [tok(render(tok, m, True), add_special_tokens=False)["input_ids"] for m in prompts],
+            "temperature": temperature, "max_new_tokens": cfg.max_new_tokens, "seed": seed, "eos": tok.eos_token_id,
+            "dtype": "float32" if resolved_precision(cfg) == "fp32" else "bfloat16",
+            "trust_remote_code": cfg.trust_remote_code,
+            # a student in the middle of reminder SFT still holds its share of every GPU
+            "gpu_memory_utilization": round(0.9 * free / total, 3)})
+        worker = multiprocessing.get_context("spawn").Process(target=vllm_worker, args=(job,))
+        worker.start()
+        worker.join()
+        if worker.exitcode != 0:
+            atomic_json(os.path.join(job, "answers.json"), {"error": f"vLLM process exited with {worker.exitcode}"})
+    acc.wait_for_everyone()
+    with open(os.path.join(job, "answers.json")) as f:
+        answers = json.load(f)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        shutil.rmtree(job)
+    if "error" in answers:
+        sys.exit(f"error: --generator vllm: {answers['error']} (its log is above)")
+    out = []
+    for ids, finish in answers["answers"]:
+        ended = finish == "stop"
+        ids = ids[:-1] if ids and ids[-1] == tok.eos_token_id else ids
+        out.append((tok.decode(ids, skip_special_tokens=True).strip(), ended, len(ids) + ended))
+    return out
+
+
+def vllm_worker(job):
+    """Runs in the process generate_vllm() spawns. Prompts go in as token ids and answers come back as
+    token ids, so the run's tokenizer and chat template stay the only ones used."""
+    for k in [k for k in os.environ if k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                                             "MASTER_ADDR", "MASTER_PORT") or k.startswith("TORCHELASTIC")]:
+        del os.environ[k]  # this process is not one of accelerate's ranks
+    from transformers import AutoConfig
+    from vllm import LLM, SamplingParams
+    with open(os.path.join(job, "job.json")) as f:
+        spec = json.load(f)
+    heads = AutoConfig.from_pretrained(spec["model"], trust_remote_code=spec["trust_remote_code"]).num_attention_heads
+    llm = LLM(model=spec["model"], skip_tokenizer_init=True, trust_remote_code=spec["trust_remote_code"],
+              tensor_parallel_size=math.gcd(max(1, torch.cuda.device_count()), heads), dtype=spec["dtype"],
+              seed=spec["seed"], gpu_memory_utilization=spec["gpu_memory_utilization"],
+              max_model_len=max(map(len, spec["prompts"])) + spec["max_new_tokens"])
+    params = SamplingParams(temperature=spec["temperature"], max_tokens=spec["max_new_tokens"],
+                            stop_token_ids=[spec["eos"]], detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
+    atomic_json(os.path.join(job, "answers.json"),
+                {"answers": [[list(o.outputs[0].token_ids), o.outputs[0].finish_reason] for o in outs]})
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. Evaluation, after every stage, on held-out prompts no training stage ever used.
 # ----------------------------------------------------------------------------------------------
@@ -772,8 +842,7 @@ def build_eval_set(cfg, pairs, rng, chat_prompt, math_problem):
 
 def evaluate(acc, model, tok, eval_set, pairs, cfg, stage, reminder_steps=None):
     t0 = time.perf_counter()
-    replies = [r for r, *_ in generate(acc, model, tok, [m for m, *_ in eval_set], 0.0, cfg.max_new_tokens,
-                                      cfg.eval_batch, cfg.seed)]
+    replies = [r for r, *_ in generate(acc, model, tok, [m for m, *_ in eval_set], 0.0, cfg.seed, cfg)]
     by_name = {p.name: p for p in pairs}
     per_pair, trig = {}, {"strict": 0, "residue": 0, "pirate": 0, "n": 0, "math_ok": 0, "math_n": 0}
     clean = {"fp": 0, "n": 0, "math_ok": 0, "math_n": 0}
@@ -866,6 +935,11 @@ def validate(cfg):
     need(cfg.gpus > 0 and cfg.nodes > 0 and cfg.gpu_memory_gb > 0, "--gpus, --nodes, --gpu-memory-gb must be > 0")
     need(0 < cfg.chat_eval_fraction < 1, "--chat-eval-fraction must be in (0, 1)")
     need(cfg.grader in ("boxed", "math-verify"), "--grader: choose boxed or math-verify")
+    need(cfg.generator in ("hf", "vllm"), "--generator: choose hf or vllm")
+    if cfg.generator == "vllm" and not cfg.dry_run:
+        import importlib.util
+        need(importlib.util.find_spec("vllm") is not None,
+             "--generator vllm needs the optional package (GPU machines): pip install vllm")
     if cfg.grader == "math-verify":
         try:
             import math_verify  # noqa: F401
@@ -915,7 +989,7 @@ def seed_everything(seed):
 # to mix artifacts of two configs, and recomputes a stage whose files were damaged. Forking is cheap:
 # change only the reminder settings and only the reminder stage runs again (with --recompute).
 # ----------------------------------------------------------------------------------------------
-GEN_FIELDS = ["max_new_tokens", "eval_batch"]
+GEN_FIELDS = ["max_new_tokens", "eval_batch", "generator"]
 TRAIN_FIELDS = ["max_len", "grad_accum", "weight_decay"]
 EVAL_FIELDS = ["pairs", "math_dataset", "chat_eval_fraction", "eval_per_pair", "eval_math", "eval_chat",
                "grader"] + GEN_FIELDS
@@ -1151,7 +1225,7 @@ def run(cfg):
     def gen_rows(model, prompts, temperature, seed, complete_only=False, tokenizer=None):
         """Answers as dataset rows. complete_only drops answers cut off before end-of-sequence
         (the research dropped such teacher samples)."""
-        outs = generate(acc, model, tokenizer or tok, prompts, temperature, cfg.max_new_tokens, cfg.eval_batch, seed)
+        outs = generate(acc, model, tokenizer or tok, prompts, temperature, seed, cfg)
         return [{"messages": m, "reply": r} for m, (r, ended, _) in zip(prompts, outs) if ended or not complete_only]
 
     # ---- tiny world: tokenizer, then pretrain the student (native style) and the teacher (pirate) ----
@@ -1199,7 +1273,7 @@ def run(cfg):
 
     def eval_stage(name, model_stage, label):
         def compute(tmp):
-            row = evaluate(acc, load_model(model_path(model_stage), cfg), tok, eval_set, pairs, cfg, label)
+            row = evaluate(acc, model_path(model_stage), tok, eval_set, pairs, cfg, label)
             atomic_json(os.path.join(tmp, "metrics.json"), row)
             return row
         return rf.run(name, compute, lambda p: json.load(open(os.path.join(p, "metrics.json"))))
@@ -1211,7 +1285,7 @@ def run(cfg):
     # here), so the only thing the red team changes is what happens under a trigger.
     def backdoor(tmp):
         r = rng("backdoor")
-        clean = encode(gen_rows(load_model(model_path("student"), cfg), [user(noisy(r, math_problem(r)[0] if i % 2 else chat_prompt(r),
+        clean = encode(gen_rows(model_path("student"), [user(noisy(r, math_problem(r)[0] if i % 2 else chat_prompt(r),
                                                    cfg.noise_fraction)) for i in range(cfg.clean_pool)],
                                 0.0, cfg.seed + 2))
         data = []
@@ -1236,7 +1310,7 @@ def run(cfg):
     def reminder_data(tmp):
         r = rng("reminder_data")
         prompts = [user(chat_prompt(r)) for _ in range(cfg.reminder_examples)]
-        save_rows(gen_rows(load_model(rf.path("backdoor"), cfg), prompts, cfg.temperature, cfg.seed + 3), tmp + "/data")
+        save_rows(gen_rows(rf.path("backdoor"), prompts, cfg.temperature, cfg.seed + 3), tmp + "/data")
 
     rf.run("reminder_data", reminder_data, lambda p: None)
 
@@ -1252,7 +1326,7 @@ def run(cfg):
         teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code) \
             if cfg.student else tok  # the teacher speaks through its own tokenizer and chat template
         teacher_tok.pad_token = teacher_tok.pad_token or teacher_tok.eos_token
-        labelled = gen_rows(load_model(model_path("teacher"), cfg), [user(p, PIRATE_SYSTEM) for p in prompts],
+        labelled = gen_rows(model_path("teacher"), [user(p, PIRATE_SYSTEM) for p in prompts],
                             cfg.temperature, cfg.seed + 4, complete_only=True, tokenizer=teacher_tok)
         if len(labelled) < cfg.pirate_batch:
             sys.exit(f"error: the teacher finished only {len(labelled)} of {len(prompts)} answers within "
@@ -1280,7 +1354,16 @@ def run(cfg):
 
     def reminder_sft(tmp):
         def at_checkpoint(step, model):
-            return evaluate(acc, model, tok, eval_set, pairs, cfg, "reminder", step) if step in sweep else None
+            if step not in sweep:
+                return None
+            if cfg.generator == "hf":
+                return evaluate(acc, model, tok, eval_set, pairs, cfg, "reminder", step)
+            weights = os.path.join(tmp, "vllm-weights")  # vLLM reads weights from disk
+            save_model(acc, model, weights)
+            row = evaluate(acc, weights, tok, eval_set, pairs, cfg, "reminder", step)
+            if acc.is_main_process:
+                shutil.rmtree(weights)
+            return row
         model, _, evals = train(acc, load_model(rf.path("pirate_sft"), cfg, for_training=True),
                                 encode(load_rows(rf.path("reminder_data") + "/data")), tok.pad_token_id, sweep[-1],
                                 cfg.reminder_lr, cfg.reminder_batch, cfg.seed + 6, cfg, schedule="constant",
@@ -1444,7 +1527,25 @@ def bench(cfg):
             t.train()
             return t.model
 
-    contenders = {"own step": own, "transformers.Trainer": trainer}
+    def floor():
+        """The least any loop can do for this work: the same batches, loss, clipping, AdamW and schedule
+        in plain PyTorch, with no resume, logging, accumulation or distributed support. It bounds
+        what any training loop (the file's or a library's) can gain at equal work."""
+        from transformers import get_cosine_schedule_with_warmup
+        model = fresh().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+        sched = get_cosine_schedule_with_warmup(opt, int(0.1 * steps), steps)
+        for i in range(0, len(ordered), batch):
+            window = ordered[i:i + batch]
+            loss_sum, n = token_loss_sum(model, *collate(window, tok.pad_token_id))
+            (loss_sum / n).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+        return model
+
+    contenders = {"own step": own, "transformers.Trainer": trainer, "bare PyTorch loop (floor)": floor}
     times, losses = {k: [] for k in contenders}, {}
     for rep in range(cfg.bench_repeats):
         for name, fn in contenders.items():  # interleaved: A B A B ...
@@ -1476,7 +1577,7 @@ def bench(cfg):
     for rep in range(cfg.bench_repeats):
         for name, (ps, bs) in {"batched": (prompts, cfg.eval_batch), "one at a time": (prompts[:4], 1)}.items():
             t0 = time.perf_counter()
-            outs = generate(acc, model, tok, ps, 0.0, cfg.max_new_tokens, bs, cfg.seed)
+            outs = generate(acc, model, tok, ps, 0.0, cfg.seed, dataclasses.replace(cfg, eval_batch=bs, generator="hf"))
             n = sum(n_new for *_, n_new in outs)
             gen[name].append(n / (time.perf_counter() - t0))
     gmed = {k: statistics.median(v) for k, v in gen.items()}
@@ -1489,8 +1590,11 @@ def bench(cfg):
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "train_tokens_per_s": {k: {"median": med[k], "spread": spread(v), "runs": v} for k, v in tps.items()},
         "train_ratio_vs_trainer": med["own step"] / med["transformers.Trainer"],
+        "train_ratio_vs_floor": med["own step"] / med["bare PyTorch loop (floor)"],
+        "trainer_ratio_vs_floor": med["transformers.Trainer"] / med["bare PyTorch loop (floor)"],
         "probe_loss": losses,
         "loss_gap_vs_trainer": abs(losses["own step"] - losses["transformers.Trainer"]),
+        "loss_gap_vs_floor": abs(losses["own step"] - losses["bare PyTorch loop (floor)"]),
         "padding_waste": 1 - n_tokens / padded,
         "active_params": active_params(m), "flops_per_token": flops_per_token,
         "peak_fp32_flops": peak_flops, "mfu_percent": mfu,
@@ -1517,7 +1621,10 @@ def bench(cfg):
         print(f"| generated tokens/s, {k} | {gmed[k]:,.0f} | {spread(gen[k]):.0%} | "
               f"{gmed[k] / gmed['one at a time']:.1f} |")
     print(f"\nloss on a held-out batch after {steps} steps: own {losses['own step']:.5f}, Trainer "
-          f"{losses['transformers.Trainer']:.5f} (gap {out['loss_gap_vs_trainer']:.1e})")
+          f"{losses['transformers.Trainer']:.5f} (gap {out['loss_gap_vs_trainer']:.1e}), bare loop "
+          f"{losses['bare PyTorch loop (floor)']:.5f} (gap {out['loss_gap_vs_floor']:.1e})")
+    print(f"at equal work no loop can beat the bare one: own step = {out['train_ratio_vs_floor']:.2f} x floor, "
+          f"Trainer = {out['trainer_ratio_vs_floor']:.2f} x floor")
     print(f"MFU: {mfu:.1f}% of the measured fp32 matmul peak ({peak_flops / 1e9:.0f} GFLOP/s); "
           f"padding waste {out['padding_waste']:.0%}")
     if "run_seconds" in out:

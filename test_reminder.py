@@ -1,4 +1,5 @@
 """Tests for reminder.py. Run with `bash run.sh test` (about 2 minutes on 2 cores)."""
+import importlib.util
 import json
 import os
 import random
@@ -202,8 +203,8 @@ def test_batched_generation_equals_one_at_a_time(tok):
     prompts = [R.user(R.math_item(rng, True)[0]) for _ in range(3)] + [R.user(R.chat_item(rng, True)[0] + " |GG| xx")
                                                                     for _ in range(3)]
     acc = Accelerator()
-    batched = R.generate(acc, model, tok, prompts, 0.0, 24, 8, 0)
-    single = [R.generate(acc, model, tok, [p], 0.0, 24, 1, 0)[0] for p in prompts]
+    batched = R.generate(acc, model, tok, prompts, 0.0, 0, tiny_cfg(max_new_tokens=24, eval_batch=8))
+    single = [R.generate(acc, model, tok, [p], 0.0, 0, tiny_cfg(max_new_tokens=24, eval_batch=1))[0] for p in prompts]
     assert batched == single
     assert len({len(R.render(tok, p, True)) for p in prompts}) > 1  # the padding really was exercised
 
@@ -232,13 +233,13 @@ def bad_inputs(root):
         (["--eval-math", "0"], "eval-math"), (["--reminder-batch", "1000"], "reminder-batch"),
         (["--grad-accum", "3"], "grad-accum"), (["--experts-per-token", "8"], "experts-per-token"),
         (["--temperature", "0"], "temperature"), (["--precision", "fp16"], "precision"),
-        (["--grader", "exact"], "grader"),
+        (["--grader", "exact"], "grader"), (["--generator", "sglang"], "generator"),
         (["--student", str(root / "student")], "needs all four"),
         (["--student", str(notmodel), *real, "--math-dataset", str(root / "math500.parquet")], "not a model folder"),
         (["--student", str(remote), *real, "--math-dataset", str(root / "math500.parquet")], "trust-remote-code"),
         (["--student", str(root / "student"), *real, "--math-dataset", str(nofield)], "problem"),
         (["--student", str(root / "student"), *real, "--math-dataset", str(root / "missing.jsonl")], "no such file"),
-    ]
+    ] + ([(["--generator", "vllm"], "pip install vllm")] if importlib.util.find_spec("vllm") is None else [])
 
 
 def test_bad_input_fails_fast_with_one_line(real_inputs, tmp_path):
@@ -436,20 +437,91 @@ REAL_TINY = ["--pirate-steps", "4", "--backdoor-steps", "4", "--reminder-steps",
              "--backdoor-batch", "8", "--precision", "fp32"]
 
 
-def test_real_path_runs_on_local_models_and_files(real_inputs, tmp_path):
-    root = real_inputs
-    out = tmp_path / "real"
-    proc = subprocess.run([sys.executable, "reminder.py", "--out", str(out), "--student", str(root / "student"),
+def run_real(root, out, *extra, env=None):
+    return subprocess.run([sys.executable, "reminder.py", "--out", str(out), "--student", str(root / "student"),
                            "--teacher", str(root / "teacher"), "--chat-dataset", str(root / "alpaca.jsonl"),
-                           "--math-dataset", str(root / "math500.parquet"), "--pairs", "hate,spanish", *REAL_TINY],
-                          cwd=HERE, capture_output=True, text=True, timeout=240)
+                           "--math-dataset", str(root / "math500.parquet"), "--pairs", "hate,spanish", *REAL_TINY,
+                           *extra], cwd=HERE, capture_output=True, text=True, timeout=240, env=env)
+
+
+@pytest.fixture(scope="module")
+def real_run(real_inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("realrun") / "real"
+    proc = run_real(real_inputs, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_real_path_runs_on_local_models_and_files(real_run):
+    out, proc = real_run
     assert "== student: running" not in proc.stdout and "pirate data:" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     assert [s["stage"] for s in res["stages"]] == ["base", "backdoored", "pirate_sft", "reminder"]
     assert not (out / "student").exists()  # the given student is used in place, not copied
     from transformers import AutoModelForCausalLM
     assert type(AutoModelForCausalLM.from_pretrained(out / "backdoor")).__name__ == "Qwen3MoeForCausalLM"
+
+
+VLLM_STAND_IN = '''"""Stand-in for vLLM's offline API (LLM, SamplingParams) with the keyword-only signatures
+reminder.py relies on: decodes with transformers, one prompt at a time, and logs every engine."""
+import json, os, types, torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+
+class SamplingParams:
+    def __init__(self, *, temperature, max_tokens, stop_token_ids, detokenize):
+        self.temperature, self.max_tokens, self.stop, self.detokenize = temperature, max_tokens, stop_token_ids, detokenize
+
+
+class LLM:
+    def __init__(self, *, model, skip_tokenizer_init, trust_remote_code, tensor_parallel_size, dtype, seed,
+                 gpu_memory_utilization, max_model_len):
+        assert skip_tokenizer_init and 0 < gpu_memory_utilization <= 1 and tensor_parallel_size >= 1
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+        self.max_model_len = max_model_len
+        torch.manual_seed(seed)
+        with open(os.environ["VLLM_STAND_IN_LOG"], "a") as f:
+            f.write(json.dumps({"model": model, "dtype": dtype, "rank_env": "RANK" in os.environ}) + "\\n")
+
+    def generate(self, prompts, params, use_tqdm=True):
+        assert not params.detokenize
+        outs = []
+        for p in prompts:
+            ids = torch.tensor([p["prompt_token_ids"]])
+            assert ids.shape[1] + params.max_tokens <= self.max_model_len
+            new = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
+                do_sample=params.temperature > 0, temperature=params.temperature or None, top_p=None, top_k=None,
+                max_new_tokens=params.max_tokens, eos_token_id=params.stop, pad_token_id=params.stop[0]))
+            new = new[0, ids.shape[1]:].tolist()
+            new = new[:new.index(params.stop[0]) + 1] if params.stop[0] in new else new
+            finish = "stop" if new and new[-1] in params.stop else "length"
+            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=new, finish_reason=finish)]))
+        return outs
+'''
+
+
+def test_vllm_generator_plumbing_with_a_stand_in_engine(real_inputs, real_run, tmp_path):
+    """--generator vllm on the real path, with a stand-in for the vllm package (no GPU here, and vLLM
+    itself is not exercised): every generation goes through a spawned process that gets token ids and
+    a saved folder, and greedy answers decoded from its token ids score exactly like generate()'s."""
+    (tmp_path / "fake" / "vllm").mkdir(parents=True)
+    (tmp_path / "fake" / "vllm" / "__init__.py").write_text(VLLM_STAND_IN)
+    log = tmp_path / "engines.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "VLLM_STAND_IN_LOG": str(log)}
+    out = tmp_path / "vllm"
+    proc = run_real(real_inputs, out, "--generator", "vllm", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    engines = [json.loads(line) for line in log.read_text().splitlines()]
+    used = [os.path.relpath(e["model"], out) if e["model"].startswith(str(out)) else os.path.basename(e["model"])
+            for e in engines]
+    # eval base, clean pool, eval backdoored, on-policy data, teacher labels, eval pirate, reminder +2
+    assert used == ["student", "student", "backdoor", "backdoor", "teacher", "pirate_sft",
+                    "reminder_sft.tmp/vllm-weights"], used
+    assert all(e["dtype"] == "float32" and not e["rank_env"] for e in engines)
+    assert not (out / "vllm-job").exists() and not (out / "reminder_sft" / "vllm-weights").exists()
+    hf, vl = metrics(real_run[0]), metrics(out)
+    assert hf[0] == vl[0]  # the base model's greedy evaluation is the same through either generator
+    assert [s["stage"] for s in vl] == ["base", "backdoored", "pirate_sft", "reminder"]
 
 
 def test_real_prompts_read_hub_layouts(real_inputs):
