@@ -1187,9 +1187,13 @@ def quiet_libraries():
 
 def make_accelerator(cfg):
     """Built before any model is loaded. Several GPU processes: FSDP2, sharded by decoder layer."""
+    import datetime
     from accelerate import Accelerator
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    kw = {"gradient_accumulation_steps": cfg.grad_accum}
+    from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+    # At scale the other ranks wait at a barrier while the main process writes a 60 GB checkpoint or
+    # vLLM generates; NCCL's default 10-minute collective timeout would kill them.
+    kw = {"gradient_accumulation_steps": cfg.grad_accum,
+          "kwargs_handlers": [InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))]}
     if resolved_precision(cfg) == "bf16-mixed" and torch.cuda.is_available():
         kw["mixed_precision"] = "bf16"  # fp32 master weights, bf16 compute
     if cfg.student and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
