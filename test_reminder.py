@@ -1,4 +1,4 @@
-"""Tests for reminder.py. Run with `bash run.sh test` (about 2 minutes on 2 cores)."""
+"""Tests for reminder.py. Run with `bash run.sh test` (about 4 minutes on 2 cores)."""
 import importlib.util
 import json
 import os
