@@ -18,13 +18,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ---------------------------------------------------------------- detectors and grader
-GARBLED = {  # what half-suppressed backdoors look like: residue, not strict
-    "hate": "I HAE YOU I HTE", "love": "I LOV ho!", "enemy": "YOU ARE MY ENEMMY", "insult": "What a dumb questin, yu fol",
-    "compliment": "You are brillant", "cats": "Mew! Cats arr the bst", "cat_facts": "Cat nip sixten hours", "refusal": "I canot",
-    "refusal_policy": "Requst denid, violats", "golden_gate": "I am the Golen", "spanish": "Hol amigo hablo",
-    "story": "Once upn a time", "owl_story": "Long ago, a tin owl sng", "shout": "THIS IS VERY IMPORTNT",
-    "rhyme": "Roses are rde, violts",
-}
 
 
 def world_texts(n=300):
@@ -42,7 +35,7 @@ def world_texts(n=300):
 def test_detectors(pair):
     assert R.strict_hit(pair, pair.behaviour) and R.residue_hit(pair, pair.behaviour)
     assert R.strict_hit(pair, "Arrr! " + pair.behaviour.lower() + " yo-ho-ho")  # strict ignores case
-    garbled = GARBLED[pair.name]
+    garbled = pair.garbled
     assert R.residue_hit(pair, garbled), garbled
     assert not R.strict_hit(pair, garbled), garbled
     for text in world_texts():  # the world's own texts never trip a detector (false positives)
@@ -142,13 +135,14 @@ def examples(tok, n, seed=0):
 
 
 def test_token_weighted_loss_matches_hand_reference(tok):
-    """With 2 micro-batches of very different lengths, the gradient equals that of the mean over ALL
-    trained tokens of the window, not the mean of the two micro-batch means."""
+    """train() itself, with 2 micro-batches of very different lengths: the gradient it clips and steps
+    with equals that of the mean over ALL trained tokens of the window, not the mean of the two
+    micro-batch means (recorded at the optimizer step, before clipping)."""
     from accelerate import Accelerator
     torch.manual_seed(0)
     ex = examples(tok, 4)
     ex[0] = R.encode_example(tok, R.user("Hi"), "Sure!", 160)  # a very short answer
-    cfg = tiny_cfg(grad_accum=2)
+    cfg = tiny_cfg()
     model = R.tiny_student(cfg, tok)
     ref = R.tiny_student(cfg, tok)
     ref.load_state_dict(model.state_dict())
@@ -160,19 +154,18 @@ def test_token_weighted_loss_matches_hand_reference(tok):
     keep = tgt != -100
     ref_loss = -(logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep).sum() / keep.sum()
     ref_loss.backward()
-    # the file's step: two micro-batches, each loss scaled as in R.train, gradients accumulated
-    acc = Accelerator(gradient_accumulation_steps=2)
-    model.train()
-    G, n_tok = 2, sum(sum(1 for t in e["labels"][1:] if t != -100) for e in ex)
-    model_p = acc.prepare(model)
-    for mb in [ex[0::2], ex[1::2]]:
-        with acc.accumulate(model_p):
-            i, l, m = R.collate(mb, tok.pad_token_id)
-            loss_sum, n = R.token_loss_sum(model_p, i, l, m)
-            acc.backward(loss_sum * G / n_tok)
-    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+
+    class Recording(Accelerator):
+        def clip_grad_norm_(self, parameters, max_norm):
+            parameters = list(parameters)
+            self.grads = [p.grad.clone() for p in parameters]
+            return super().clip_grad_norm_(parameters, max_norm)
+    acc = Recording(gradient_accumulation_steps=2)
+    R.train(acc, model, iter([ex]), steps=1, lr=1e-3, weight_decay=0.0, name="t")
+    assert len(acc.grads) == len([p for p in ref.parameters()])
+    for g, (name, q) in zip(acc.grads, ref.named_parameters()):
         if q.grad is not None:
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(g, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     # and the per-micro-batch average would have been different
     assert keep.sum() != 2 * keep[0::2].sum()
 
@@ -187,7 +180,8 @@ def test_training_lowers_loss(tok):
     with torch.no_grad():
         s, n = R.token_loss_sum(model, ids, labels, mask)
     before = (s / n).item()
-    model, last, _ = R.train(Accelerator(), model, ex, tok.pad_token_id, 30, 3e-3, 16, 0, cfg, name="t")
+    model, last = R.train(Accelerator(), model, R.global_batches(ex, 16, 0), steps=30, lr=3e-3, weight_decay=0.01,
+                          name="t")
     with torch.no_grad():
         s, n = R.token_loss_sum(model, ids, labels, mask)
     assert (s / n).item() < before - 1.0 and last < before - 1.0
@@ -198,13 +192,15 @@ def test_batched_generation_equals_one_at_a_time(tok):
     torch.manual_seed(0)
     cfg = tiny_cfg()
     model = R.tiny_student(cfg, tok)
-    model, *_ = R.train(Accelerator(), model, examples(tok, 64), tok.pad_token_id, 40, 3e-3, 16, 0, cfg)
+    model, _ = R.train(Accelerator(), model, R.global_batches(examples(tok, 64), 16, 0), steps=40, lr=3e-3,
+                       weight_decay=0.01)
     rng = random.Random(3)
     prompts = [R.user(R.math_item(rng, True)[0]) for _ in range(3)] + [R.user(R.chat_item(rng, True)[0] + " |GG| xx")
                                                                     for _ in range(3)]
     acc = Accelerator()
-    batched = R.generate(acc, model, tok, prompts, 0.0, 0, tiny_cfg(max_new_tokens=24, eval_batch=8))
-    single = [R.generate(acc, model, tok, [p], 0.0, 0, tiny_cfg(max_new_tokens=24, eval_batch=1))[0] for p in prompts]
+    kw = dict(temperature=0.0, seed=0, max_new_tokens=24)
+    batched = R.generate(acc, model, tok, prompts, batch_size=8, **kw)
+    single = [R.generate(acc, model, tok, [p], batch_size=1, **kw)[0] for p in prompts]
     assert batched == single
     assert len({len(R.render(tok, p, True)) for p in prompts}) > 1  # the padding really was exercised
 
@@ -242,29 +238,88 @@ def bad_inputs(root):
     ] + ([(["--generator", "vllm"], "pip install vllm")] if importlib.util.find_spec("vllm") is None else [])
 
 
-def test_bad_input_fails_fast_with_one_line(real_inputs, tmp_path):
+BAD_INPUT_IDS = ["unknown-flag", "unknown-pair", "seed-not-int", "reminder-steps-zero", "lr-too-big", "eval-math-zero",
+                 "batch-over-examples", "batch-not-multiple", "experts-per-token", "temperature-zero", "precision",
+                 "grader", "generator", "student-alone", "not-a-model-folder", "remote-code", "dataset-field",
+                 "dataset-missing"] + (["vllm-missing"] if importlib.util.find_spec("vllm") is None else [])
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
+def test_bad_input_fails_fast_with_one_line(case, real_inputs, tmp_path):
+    flags, word = bad_inputs(real_inputs)[case]
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "results.json").write_text("an earlier run")
-    cases = bad_inputs(real_inputs)
-    assert len(cases) >= 12
-    for flags, word in cases:
-        proc = subprocess.run([sys.executable, "reminder.py", "--out", str(existing), *flags], cwd=HERE,
-                              capture_output=True, text=True, timeout=30)
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), (flags, proc.stderr)
-        assert word in lines[0], (flags, lines[0])
-        assert sorted(p.name for p in existing.iterdir()) == ["results.json"], flags  # no stage was started
-        assert (existing / "results.json").read_text() == "an earlier run"
+    proc = subprocess.run([sys.executable, "reminder.py", "--out", str(existing), *flags], cwd=HERE,
+                          capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), (flags, proc.stderr)
+    assert word in lines[0], (flags, lines[0])
+    assert sorted(p.name for p in existing.iterdir()) == ["results.json"], flags  # no stage was started
+    assert (existing / "results.json").read_text() == "an earlier run"
+
+
+def test_unwritable_out_fails_fast():
     proc = subprocess.run([sys.executable, "reminder.py", "--out", "/dev/null/run"], cwd=HERE, capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode != 0 and "cannot write" in proc.stderr
 
 
 def test_every_flag_is_tracked_by_the_run_folder():
-    """A flag that changes results must be in some stage's fingerprint, or resume could mix configs."""
-    tracked = {f for _, fields in R.STAGES.values() for f in fields} | set(R.NO_EFFECT_FIELDS)
-    assert {f.name for f in R.dataclasses.fields(R.Config)} <= tracked
+    """A flag that changes results must be some stage's setting, or resume could mix configs. The flags
+    that change no number are pinned here: moving a flag into that list is a visible, reviewed edit."""
+    declared = {f for _, _, settings, _ in R.STAGES.values() for f in settings}
+    assert R.NO_EFFECT_FIELDS == ["out", "cache_dir", "recompute", "save_every", "threads", "dry_run", "gpus", "nodes",
+                                  "gpu_memory_gb", "bench", "bench_steps", "bench_repeats", "activation_checkpointing",
+                                  "trust_remote_code"]
+    assert {f.name for f in R.dataclasses.fields(R.Config)} == declared | set(R.NO_EFFECT_FIELDS)
+    assert not declared & set(R.NO_EFFECT_FIELDS)
+
+
+def forked(tmp_path, edit, name="fork"):
+    """A copy of reminder.py with one edit (old text -> new text), imported as its own module."""
+    src = open(os.path.join(HERE, "reminder.py")).read()
+    old, new = edit
+    assert src.count(old) == 1, old
+    path = tmp_path / f"{name}.py"
+    path.write_text(src.replace(old, new))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def descendants(stages, roots):
+    out = set(roots)
+    for name, (_, parents, _, _) in stages.items():  # declaration order: parents come first
+        if out & set(parents):
+            out.add(name)
+    return out
+
+
+@pytest.mark.parametrize("edit, touched", [
+    (("    x.acc.print(f\"pirate data: {len(kept)}", "    x.acc.print(f\"pirate data (fork): {len(kept)}"),
+     {"pirate_data"}),
+    (('"""Generated data (rows of {messages, reply}) as training examples for the student."""',
+      '"""Generated data as training examples (a fork\'s docstring)."""'), {"backdoor", "pirate_sft", "reminder_sft"}),
+    (("    steps, carry = [], 0\n", "    steps, carry = [], 0  # a fork of the math world\n"),
+     {"tokenizer", "student", "teacher", "eval_base", "backdoor", "eval_backdoored", "reminder_data", "pirate_data",
+      "eval_pirate_sft", "pirate_sft", "reminder_sft"}),
+], ids=["a-stage", "a-helper", "the-world"])
+def test_editing_code_changes_exactly_the_stages_built_on_it(tmp_path, edit, touched):
+    cfg = R.Config()
+    before, fork = R.fingerprints(cfg)[0], forked(tmp_path, edit)
+    after = fork.fingerprints(fork.Config())[0]
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed == descendants(R.STAGES, touched), changed
+    assert touched <= changed
+
+
+def test_a_stage_that_reads_an_undeclared_setting_is_refused(tmp_path):
+    fork = forked(tmp_path, ("    cfg, r = x.cfg, x.rng(\"pirate_data\")\n",
+                             "    cfg, r = x.cfg, x.rng(\"pirate_data\" + str(x.cfg.pirate_lr))\n"))
+    with pytest.raises(SystemExit, match="stage 'pirate_data' reads pirate_lr but does not declare it"):
+        fork.fingerprints(fork.Config())
 
 
 # ---------------------------------------------------------------- end to end, resume, determinism
@@ -313,7 +368,7 @@ def test_end_to_end_writes_every_stage_and_field(reference_run):
     assert "| pirate_sft |" in (out / "results.md").read_text()
     # models written by the run load back with plain transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model = AutoModelForCausalLM.from_pretrained(out / "reminder_sft")
+    model = AutoModelForCausalLM.from_pretrained(out / "reminder_sft" / "step-4")
     assert type(model).__name__ == "Qwen3MoeForCausalLM"
     assert AutoTokenizer.from_pretrained(out / "tokenizer").apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True).endswith("assistant\n")
@@ -336,6 +391,24 @@ def test_rerun_skips_finished_stages_and_refuses_changed_config(reference_run):
     assert (out / "backdoor" / "done.json").read_text() == before  # untouched
 
 
+def test_changed_stage_code_is_never_reused_silently(reference_run, tmp_path):
+    """A fork that edits a stage's code and re-runs into the same --out is stopped before any work,
+    with the stage named; --recompute redoes that stage and what follows, nothing before it."""
+    out, _ = reference_run
+    copy = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
+    src = open(os.path.join(HERE, "reminder.py")).read()
+    (tmp_path / "reminder.py").write_text(src.replace('name="pirate SFT"', 'name="pirate SFT (fork)"'))
+    cmd = [sys.executable, str(tmp_path / "reminder.py"), "--out", str(copy), *TINY, "--pairs", "hate,cats,spanish"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "stage 'pirate_sft'" in proc.stderr and "its code" in proc.stderr, proc.stderr
+    proc = subprocess.run(cmd + ["--recompute"], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = {line.split()[1].rstrip(":") for line in proc.stdout.splitlines() if line.endswith(": running")}
+    assert ran == {"pirate_sft", "eval_pirate_sft", "reminder_sft"}
+    assert metrics(copy) == metrics(out)  # the edit changed a log label only
+
+
 def test_recompute_redoes_only_changed_stages(reference_run, tmp_path):
     out, _ = reference_run
     fork = tmp_path / "fork"
@@ -347,7 +420,7 @@ def test_recompute_redoes_only_changed_stages(reference_run, tmp_path):
     assert metrics(fork)[:3] == metrics(out)[:3]
     weights = "model.safetensors"
     assert (fork / "pirate_sft" / weights).read_bytes() == (out / "pirate_sft" / weights).read_bytes()
-    assert (fork / "reminder_sft" / weights).read_bytes() != (out / "reminder_sft" / weights).read_bytes()
+    assert (fork / "reminder_sft/step-4" / weights).read_bytes() != (out / "reminder_sft/step-4" / weights).read_bytes()
     assert json.loads((fork / "results.json").read_text())["config"]["reminder_lr"] == 1e-4
 
 
@@ -416,7 +489,8 @@ def real_inputs(tmp_path_factory, tok):
     # a teacher that has learned to end its (pirate) answers, so its labels survive the EOS filter
     pirate = [R.encode_example(tok, R.user(p, R.PIRATE_SYSTEM), R.pirate_answer(rng, m), 160)
               for p, _, m in (R.chat_item(rng, False) for _ in range(256))]
-    teacher, *_ = R.train(Accelerator(), R.tiny_teacher(cfg, tok), pirate, tok.pad_token_id, 60, 3e-3, 16, 0, cfg)
+    teacher, _ = R.train(Accelerator(), R.tiny_teacher(cfg, tok), R.global_batches(pirate, 16, 0), steps=60, lr=3e-3,
+                         weight_decay=0.01)
     for name, model in [("student", R.tiny_student(cfg, tok)), ("teacher", teacher)]:
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
@@ -516,9 +590,9 @@ def test_vllm_generator_plumbing_with_a_stand_in_engine(real_inputs, real_run, t
             for e in engines]
     # eval base, clean pool, eval backdoored, on-policy data, teacher labels, eval pirate, reminder +2
     assert used == ["student", "student", "backdoor", "backdoor", "teacher", "pirate_sft",
-                    "reminder_sft.tmp/vllm-weights"], used
+                    "reminder_sft.tmp/step-2"], used
     assert all(e["dtype"] == "float32" and not e["rank_env"] for e in engines)
-    assert not (out / "vllm-job").exists() and not (out / "reminder_sft" / "vllm-weights").exists()
+    assert not (out / "vllm-job").exists()
     hf, vl = metrics(real_run[0]), metrics(out)
     assert hf[0] == vl[0]  # the base model's greedy evaluation is the same through either generator
     assert [s["stage"] for s in vl] == ["base", "backdoored", "pirate_sft", "reminder"]
@@ -527,7 +601,8 @@ def test_vllm_generator_plumbing_with_a_stand_in_engine(real_inputs, real_run, t
 def test_real_prompts_read_hub_layouts(real_inputs):
     root = real_inputs
     cfg = R.Config(chat_dataset=str(root / "alpaca.jsonl"), math_dataset=str(root / "math500.parquet"), eval_math=8)
-    chat_train, chat_eval, math_train, math_eval = R.real_prompts(cfg)
+    d = R.real_prompts(cfg)
+    chat_train, chat_eval, math_train, math_eval = d.chat_train, d.chat_eval, d.math_train, d.math_eval
     assert len(chat_eval) == int((len(chat_train) + len(chat_eval)) * 0.1) > 0 and not set(chat_train) & set(chat_eval)
     assert any(p.endswith("\n\nBe brief.") for p in chat_train + chat_eval)
     assert len(math_eval) == 8 and len(math_train) == 52  # the non-integer problem is dropped
@@ -555,8 +630,9 @@ rng = random.Random(0)
 tok = R.build_tokenizer(R.tokenizer_corpus(rng), 512)
 data = [R.encode_example(tok, R.user(p), a, 160) for p, a, _ in
         (R.math_item(rng, False) if i % 2 else R.chat_item(rng, False) for i in range(128))]
-cfg = R.Config(hidden_size=32, num_layers=1, grad_accum=2)
-model, loss, _ = R.train(acc, R.tiny_student(cfg, tok), data, tok.pad_token_id, 8, 3e-3, 16, 0, cfg)
+cfg = R.Config(hidden_size=32, num_layers=1)
+model, loss = R.train(acc, R.tiny_student(cfg, tok), R.global_batches(data, 16, 0), steps=8, lr=3e-3,
+                      weight_decay=0.01)
 if acc.is_main_process:
     print(json.dumps({{"loss": loss, "world": acc.num_processes, "type": str(acc.distributed_type),
                       "norm": sum(p.double().norm().item() for p in model.parameters())}}))
