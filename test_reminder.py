@@ -1,4 +1,4 @@
-"""Tests for reminder.py. Run with `bash run.sh test` (about 4 minutes on 2 cores)."""
+"""Tests for reminder.py. Run with `bash run.sh test` (about 5½ minutes on 2 cores)."""
 import importlib.util
 import json
 import os
@@ -359,6 +359,7 @@ def bad_inputs(root):
         (["--student", str(remote), *real, "--math-dataset", str(root / "math500.parquet")], "trust-remote-code"),
         (["--student", str(root / "student"), *real, "--math-dataset", str(nofield)], "problem"),
         (["--student", str(root / "student"), *real, "--math-dataset", str(root / "missing.jsonl")], "no such file"),
+        (["--student", "Qwen/Qwen3-30B-A3B", *real, "--math-dataset", str(root / "math500.parquet")], "gated, offline"),
     ] + ([(["--generator", "vllm"], "pip install vllm")] if importlib.util.find_spec("vllm") is None else [])
 
 
@@ -366,7 +367,7 @@ BAD_INPUT_IDS = ["unknown-flag", "unknown-pair", "seed-not-int", "reminder-steps
                  "batch-over-examples", "batch-not-multiple", "experts-per-token", "temperature-zero", "precision",
                  "grader", "generator", "pirate-eval-steps", "seeds", "red", "reminder-filter", "pirate-mix",
                  "student-alone", "not-a-model-folder", "remote-code", "dataset-field",
-                 "dataset-missing"] + (["vllm-missing"] if importlib.util.find_spec("vllm") is None else [])
+                 "dataset-missing", "hub-id-offline"] + (["vllm-missing"] if importlib.util.find_spec("vllm") is None else [])
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
@@ -382,6 +383,13 @@ def test_bad_input_fails_fast_with_one_line(case, real_inputs, tmp_path):
     assert word in lines[0], (flags, lines[0])
     assert sorted(p.name for p in existing.iterdir()) == ["results.json"], flags  # no stage was started
     assert (existing / "results.json").read_text() == "an earlier run"
+
+
+def test_launched_real_run_without_cuda_fails_fast(real_inputs, tmp_path):
+    """torchrun with a CPU-only torch on a GPU box would silently become N CPU ranks: refused at once."""
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    proc = run_real(real_inputs, tmp_path / "out", env=env)
+    assert proc.returncode != 0 and "needs CUDA" in proc.stderr and not (tmp_path / "out" / "tokenizer").exists()
 
 
 def test_unwritable_out_fails_fast():
@@ -573,7 +581,7 @@ def test_seeds_aggregate_and_reuse_the_base(tmp_path):
     pirate checkpoints evaluated, seeds.json/md/png written; a re-run recomputes nothing."""
     out = tmp_path / "seeds"
     cmd = [sys.executable, "reminder.py", "--out", str(out), *TINY[:-2], "--cache-dir", str(tmp_path / "cache"),
-           "--pairs", "hate,cats", "--pirate-eval-steps", "5", "--seeds", "0,1"]
+           "--pairs", "hate,cats", "--pirate-eval-steps", "5", "--pirate-batch", "8", "--seeds", "0,1"]
     proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout.split("== tokenizer:")
@@ -780,13 +788,27 @@ def test_real_prompts_read_hub_layouts(real_inputs):
 
 
 def test_dry_run_reports_qwen3_30b_a3b():
-    out = subprocess.run([sys.executable, "reminder.py", "--dry-run", "--gpus", "8", "--gpu-memory-gb", "80"],
-                         cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "30.53B parameters, 3.35B active" in out.stdout and "fits: yes" in out.stdout
-    out = subprocess.run([sys.executable, "reminder.py", "--dry-run", "--gpus", "1", "--gpu-memory-gb", "80"],
-                         cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert "fits: NO" in out.stdout
+    """Every term of the memory plan, for the run's own --max-len; a plan that does not fit names the
+    flag that would make it fit."""
+    import contextlib
+    import io
+
+    def dry(*flags):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            R.dry_run(R.parse_config(["--dry-run", *flags]))
+        return buf.getvalue()
+    small = dry("--gpus", "8", "--gpu-memory-gb", "80")
+    assert "30.53B parameters, 3.35B active" in small and "fits: NO" in small and "would fit with: --nodes 2" in small
+    for term in ["weights", "gradients", "AdamW moments", "AdamW foreach temporaries", "FSDP2 unsharded layers",
+                 "reduce-scatter", "activations", "logits", "CUDA context"]:
+        assert term in small, term
+    assert "fits: yes" in dry("--gpus", "8", "--gpu-memory-gb", "141")
+    long = dry("--gpus", "8", "--gpu-memory-gb", "141", "--max-len", "2048")
+    act = [float(line.split(": ")[1].split()[0]) for line in long.splitlines() if "activations kept" in line][0]
+    ckpt = dry("--gpus", "8", "--gpu-memory-gb", "141", "--max-len", "2048", "--activation-checkpointing")
+    act_ckpt = [float(line.split(": ")[1].split()[0]) for line in ckpt.splitlines() if "activations kept" in line][0]
+    assert act > 10 * act_ckpt > 0
 
 
 DDP_SCRIPT = """
