@@ -590,6 +590,7 @@ def test_seeds_aggregate_and_reuse_the_base(tmp_path):
     assert [(s["stage"], s["steps"]) for s in res["stages"]][2:4] == [("pirate_sft", 5), ("pirate_sft", 10)]
     agg = json.loads((out / "seeds.json").read_text())
     assert agg["seeds"] == [0, 1] and len(agg["robustness"]["auc_with_reminder"]["per_seed"]) == 2
+    assert set(agg["robustness_per_pair"]) == {"hate", "cats"}
     first = agg["stages"][3]
     per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text())["stages"][3]["capability"] for s in (0, 1)]
     assert first["stage"] == "pirate_sft 10" and first["capability"]["min"] == min(per_seed)
