@@ -10,10 +10,12 @@ top to bottom as the experiment; each stage is one function:
     teacher (Llama class) pretrained here              teacher
   evaluate the base student                          eval_base           student
   red team: backdoor full-weight fine-tuning         backdoor            student
-  blue team 0: the backdoored model's own answers    reminder_data       backdoor
+  blue team 0: the backdoored model's own answers    reminder_data       backdoor (teacher, student:
+    (filtered with --reminder-filter)                                      reference filter, oracle)
   blue team 1: a teacher's pirate answers            pirate_data         teacher
   blue team 1: off-model pirate SFT                  pirate_sft          backdoor, pirate_data
   blue team 2: on-policy reminder SFT, a sweep       reminder_sft        pirate_sft, reminder_data
+                                                                           (pirate_data: --pirate-mix)
   evaluation after every stage                       evaluate()          (eval_* stages)
 
 Shared by every stage: train() (one hand-written accelerate training step), answers() (one generation
@@ -24,6 +26,8 @@ benchmark): not needed to follow the method.
 Tiny run on a laptop CPU (no downloads; builds and pretrains its own models, a few minutes):
     bash run.sh                                   # = python reminder.py --out runs/tiny
     python reminder.py --seed 1 --out runs/s1 --pairs hate,cats
+    python reminder.py --seeds 0,1,2,3,4 --out runs/seeds   # the distribution over seeds
+    python reminder.py --game --out runs/game               # red replies x blue answers, 3 seeds
 
 Real scale (Qwen3-30B-A3B student, Llama-3.1-8B teacher; see README for hyperparameters, multi-node):
     python reminder.py --dry-run --gpus 8 --gpu-memory-gb 80   # the plan: parameters, memory, fit
