@@ -146,6 +146,9 @@ class Config:
     gpu_memory_gb: float = arg(80.0, "memory of one GPU in GB for --dry-run")
     game: bool = arg(False, "play every red reply against every blue answer over --seeds (default 0,1,2), "
                             "sharing common stages: --out/game.json, game.md, game.png")
+    gpu_check: bool = arg(False, "one-GPU check: a Qwen3-30B-A3B-shaped student with fewer layers (random weights) "
+                                 "trains and generates under bf16-mixed; writes --out/gpu-check.json")
+    gpu_check_layers: int = arg(4, "--gpu-check: decoder layers of the Qwen3-30B-A3B-shaped student (48 in the real one)")
     bench: bool = arg(False, "run the speed benchmark instead of the experiment (writes --out/bench.json)")
     bench_steps: int = arg(30, "benchmark: optimizer steps per timed training run")
     bench_repeats: int = arg(3, "benchmark: interleaved repeats of each contender")
@@ -868,7 +871,7 @@ def run(cfg, cache_all=""):
 # ----------------------------------------------------------------------------------------------
 NO_EFFECT_FIELDS = ["out", "cache_dir", "recompute", "save_every", "threads", "dry_run", "gpus", "nodes",
                     "gpu_memory_gb", "bench", "bench_steps", "bench_repeats", "activation_checkpointing",
-                    "trust_remote_code", "seeds", "game"]  # where and how a run happens; never a number in results.json
+                    "trust_remote_code", "seeds", "game", "gpu_check", "gpu_check_layers"]  # where and how a run happens; never a number in results.json
 
 
 UNUSED_WHEN = {  # a setting that another choice makes irrelevant is left out of fingerprints then
@@ -2086,6 +2089,75 @@ def suggest_fit(cfg, n_params, precision, gb):
 # interleaved A B C A B C; no timing is ever asserted. All three loops take one batch per optimizer
 # step (the Accelerator here has no gradient accumulation, and train() reads it from there).
 # ----------------------------------------------------------------------------------------------
+def gpu_check(cfg, shape=None, require_cuda=True):
+    """--gpu-check (`bash run.sh gpu-check`): no download, a few minutes on one 80-141 GB GPU. The
+    student has Qwen3-30B-A3B's shape with --gpu-check-layers layers and random weights (the tiny
+    tokenizer feeds it); the file's own train(), generate() (and vLLM when installed), save_model() and
+    load_model() run under bf16-mixed. Measured against the GPU: training tokens/s and MFU against a
+    measured bf16 matmul peak, generation tokens/s, and peak memory against memory_plan() for the
+    same shape. `shape` shrinks the model (the CPU test); results go to --out/gpu-check.json."""
+    import importlib.util
+    from accelerate import Accelerator
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cuda = torch.cuda.is_available()
+    need(cuda or not require_cuda, f"--gpu-check needs a CUDA GPU, and torch {torch.__version__} sees none: run it on "
+                                   f"the GPU machine after installing torch's CUDA build (README: Install for GPUs)")
+    os.makedirs(cfg.out, exist_ok=True)
+    kw = {**REAL_CONFIGS["Qwen/Qwen3-30B-A3B"], "num_hidden_layers": cfg.gpu_check_layers, **(shape or {})}
+    conf = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    acc, passed, out = Accelerator(mixed_precision="bf16" if cuda else "no"), {}, {"gpu": None}
+    x = types.SimpleNamespace(cfg=dataclasses.replace(cfg, precision="bf16-mixed"), acc=acc, main=acc.is_main_process)
+    r = random.Random("gpu-check")
+    tok = build_tokenizer(tokenizer_corpus(r), cfg.vocab_size)
+    data = [encode_example(tok, user(p), a, cfg.max_len) for p, a, _ in
+            (math_item(r, False) if i % 2 else chat_item(r, False) for i in range(256))]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(conf)  # fp32 master weights, as in a training stage
+    n_params, batch, steps = sum(p.numel() for p in model.parameters()), 8, max(2, cfg.bench_steps // 3)
+    if cuda:
+        out["gpu"] = torch.cuda.get_device_name()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model, _ = train(acc, model, global_batches(data, batch, 0), steps=steps, lr=1e-5, weight_decay=0.0,
+                     name="gpu-check train")
+    dt, tokens = time.perf_counter() - t0, steps * batch * sum(len(e["input_ids"]) for e in data) / len(data)
+    passed["train"] = True
+    plan = memory_plan(dataclasses.replace(cfg, backdoor_batch=batch, pirate_batch=batch, reminder_batch=batch,
+                                           grad_accum=1), conf, n_params, 1, "bf16-mixed")
+    out.update(params=n_params, active_params=active_params(model), train_tokens_per_s=tokens / dt,
+               peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+               predicted_memory_gb=sum(plan.values()) / 1e9, plan_gb={k: v / 1e9 for k, v in plan.items()})
+    a = torch.randn(4096, 4096, device=acc.device, dtype=torch.bfloat16 if cuda else torch.float32)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    if cuda:
+        torch.cuda.synchronize()
+    peak = 10 * 2 * 4096 ** 3 / (time.perf_counter() - t0)
+    out.update(matmul_peak_flops=peak, mfu_percent=100 * out["train_tokens_per_s"] * 6 * out["active_params"] / peak)
+    prompts = [user(math_item(r, True)[0]) for _ in range(64)]
+    for name, temperature in [("greedy", 0.0), ("sampled", 1.0)]:
+        t0 = time.perf_counter()
+        outs = generate(acc, model.to(torch.bfloat16) if cuda else model, tok, prompts, temperature=temperature, seed=0,
+                        max_new_tokens=64, batch_size=64)
+        out[f"gen_tokens_per_s_{name}"] = sum(n for *_, n in outs) / (time.perf_counter() - t0)
+    passed["generate"] = True
+    folder = os.path.join(cfg.out, "gpu-check-model")
+    save_model(x, model, folder)
+    tok.save_pretrained(folder)
+    passed["save_load"] = type(load_model(x, folder)).__name__ == type(model).__name__
+    if importlib.util.find_spec("vllm"):
+        t0 = time.perf_counter()
+        outs = generate_vllm(x, folder, tok, prompts, temperature=1.0, seed=0, max_new_tokens=64, batch_size=64)
+        out["gen_tokens_per_s_vllm"] = sum(n for *_, n in outs) / (time.perf_counter() - t0)
+        passed["vllm"] = True
+    shutil.rmtree(folder, ignore_errors=True)
+    out["passed"] = passed
+    atomic_json(os.path.join(cfg.out, "gpu-check.json"), out)
+    print(json.dumps({k: v for k, v in out.items() if k != "plan_gb"}, indent=1))
+    return out
+
+
 def bench_setup(cfg):
     from itertools import islice
     r = random.Random(f"{cfg.seed}/bench")
@@ -2271,13 +2343,18 @@ def bench_report(cfg, out, tps, gen):
     print(f"wrote {os.path.join(cfg.out, 'bench.json')}")
 
 
-if __name__ == "__main__":
-    config = parse_config()
+def cli(argv=None):
+    """The command line: flags checked first, then the dry run, the one-GPU check, the game, seeds, the
+    benchmark or the experiment."""
+    config = parse_config(argv)
     if config.dry_run:
         validate(config)
         dry_run(config)
     elif config.bench:
         bench(config)
+    elif config.gpu_check:
+        validate(config)
+        gpu_check(config)
     elif config.game:
         validate(config)
         run_game(config)
@@ -2286,3 +2363,7 @@ if __name__ == "__main__":
         run_seeds(config)
     else:
         run(config)
+
+
+if __name__ == "__main__":
+    cli()

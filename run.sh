@@ -2,6 +2,7 @@
 # bash run.sh [ARGS...]   set up .venv if needed, run the tiny experiment (ARGS go to reminder.py)
 # bash run.sh test        same set-up, then the test suite
 # bash run.sh bench       same set-up, then the speed benchmark
+# bash run.sh gpu-check   same set-up, then the one-GPU check (GPU machines; writes runs/gpu-check/gpu-check.json)
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -16,5 +17,6 @@ fi
 case "${1:-}" in
   test) shift; exec "$PY" -m pytest -q test_reminder.py "$@" ;;
   bench) shift; exec "$PY" reminder.py --bench "$@" ;;
+  gpu-check) shift; exec "$PY" reminder.py --gpu-check --out runs/gpu-check "$@" ;;
   *) exec "$PY" reminder.py "$@" ;;
 esac

@@ -1,4 +1,4 @@
-"""Tests for reminder.py. Run with `bash run.sh test` (about 5½ minutes on 2 cores)."""
+"""Tests for reminder.py. Run with `bash run.sh test` (about 5 minutes on 2 cores)."""
 import importlib.util
 import json
 import os
@@ -371,18 +371,31 @@ BAD_INPUT_IDS = ["unknown-flag", "unknown-pair", "seed-not-int", "reminder-steps
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
-def test_bad_input_fails_fast_with_one_line(case, real_inputs, tmp_path):
+def test_bad_input_fails_fast_with_one_line(case, real_inputs, tmp_path, capsys):
+    """Each refused in flag parsing or validation - the code the command line runs before any stage -
+    with one line that names the problem, and nothing else printed or written."""
     flags, word = bad_inputs(real_inputs)[case]
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "results.json").write_text("an earlier run")
-    proc = subprocess.run([sys.executable, "reminder.py", "--out", str(existing), *flags], cwd=HERE,
-                          capture_output=True, text=True, timeout=60)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), (flags, proc.stderr)
-    assert word in lines[0], (flags, lines[0])
+    with pytest.raises(SystemExit) as stop:
+        R.validate(R.parse_config(["--out", str(existing), *flags]))
+    message = str(stop.value.code)
+    assert message.startswith("error:") and "\n" not in message and word in message, (flags, message)
+    assert capsys.readouterr().err == ""
     assert sorted(p.name for p in existing.iterdir()) == ["results.json"], flags  # no stage was started
     assert (existing / "results.json").read_text() == "an earlier run"
+
+
+@pytest.mark.parametrize("case", ["unknown-flag", "dataset-field"])
+def test_bad_input_on_the_real_command_line(case, real_inputs, tmp_path):
+    """The same, end to end through `python reminder.py`: exit status, exactly one line on stderr."""
+    flags, word = bad_inputs(real_inputs)[BAD_INPUT_IDS.index(case)]
+    proc = subprocess.run([sys.executable, "reminder.py", "--out", str(tmp_path / "out"), *flags], cwd=HERE,
+                          capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:") and word in lines[0], proc.stderr
+    assert not (tmp_path / "out" / "tokenizer").exists()
 
 
 def test_launched_real_run_without_cuda_fails_fast(real_inputs, tmp_path):
@@ -404,7 +417,7 @@ def test_every_flag_is_tracked_by_the_run_folder():
     declared = {f for _, _, settings, _ in R.STAGES.values() for f in settings}
     assert R.NO_EFFECT_FIELDS == ["out", "cache_dir", "recompute", "save_every", "threads", "dry_run", "gpus", "nodes",
                                   "gpu_memory_gb", "bench", "bench_steps", "bench_repeats", "activation_checkpointing",
-                                  "trust_remote_code", "seeds", "game"]
+                                  "trust_remote_code", "seeds", "game", "gpu_check", "gpu_check_layers"]
     assert {f.name for f in R.dataclasses.fields(R.Config)} == declared | set(R.NO_EFFECT_FIELDS)
     assert not declared & set(R.NO_EFFECT_FIELDS)
 
@@ -810,6 +823,25 @@ def test_dry_run_reports_qwen3_30b_a3b():
     ckpt = dry("--gpus", "8", "--gpu-memory-gb", "141", "--max-len", "2048", "--activation-checkpointing")
     act_ckpt = [float(line.split(": ")[1].split()[0]) for line in ckpt.splitlines() if "activations kept" in line][0]
     assert act > 10 * act_ckpt > 0
+
+
+def test_gpu_check_stops_without_a_gpu_and_runs_its_steps_on_a_small_shape(tmp_path):
+    """`bash run.sh gpu-check` on a machine without a GPU: one line, nothing written. The same function
+    on the CPU with Qwen3-30B-A3B's shape shrunk: train, generate, bf16 save and load all run and the
+    report has every field (the GPU figures themselves need the GPU)."""
+    proc = subprocess.run([sys.executable, "reminder.py", "--gpu-check", "--out", str(tmp_path / "g")], cwd=HERE,
+                          capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and "needs a CUDA GPU" in lines[0]
+    assert not (tmp_path / "g" / "gpu-check.json").exists()
+    shape = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, vocab_size=600)
+    out = R.gpu_check(R.Config(out=str(tmp_path / "c"), bench_steps=6, gpu_check_layers=1), shape=shape,
+                      require_cuda=False)
+    assert out["passed"] == {"train": True, "generate": True, "save_load": True}
+    assert type(out["params"]) is int and out["train_tokens_per_s"] > 0 and out["gen_tokens_per_s_sampled"] > 0
+    assert set(out["plan_gb"]) >= {"weights (sharded master copy)", "activations kept for backward"}
+    assert json.loads((tmp_path / "c" / "gpu-check.json").read_text())["passed"]["train"]
 
 
 DDP_SCRIPT = """
