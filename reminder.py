@@ -1030,10 +1030,10 @@ class Experiment:
     None), each stage's random stream; and what runs the stages: do(stage) computes a stage once
     into the run folder (or loads it), with its parents' folders as arguments."""
 
-    def __init__(self, cfg, acc):
+    def __init__(self, cfg, acc, cache_all=""):
         self.cfg, self.acc, self.tok, self.data = cfg, acc, None, None
         self.fps, self.fields, self.codes = fingerprints(cfg)
-        self.paths, self.cache_all = {}, ""
+        self.paths, self.cache_all, self.t_start = {}, cache_all, time.perf_counter()
         self.generate = (self.generate_hf if cfg.generator == "hf"
                          else lambda model, tok, prompts, **kw: generate_vllm(self, model, tok, prompts, **kw))
 
@@ -1161,12 +1161,10 @@ def setup(cfg, cache_all=""):
     validate(cfg)  # first: a bad flag costs a second, before the heavy imports
     quiet_libraries()
     set_threads(cfg)
-    x = Experiment(cfg, make_accelerator(cfg))
-    x.cache_all = cache_all
+    x = Experiment(cfg, make_accelerator(cfg), cache_all)
     check_run_folder(x)
     x.acc.wait_for_everyone()
     seed_everything(cfg.seed)
-    x.t_start = time.perf_counter()
     return x
 
 
@@ -2127,13 +2125,7 @@ def gpu_check(cfg, shape=None, require_cuda=True):
     out.update(params=n_params, active_params=active_params(model), train_tokens_per_s=tokens / dt,
                peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
                predicted_memory_gb=sum(plan.values()) / 1e9, plan_gb={k: v / 1e9 for k, v in plan.items()})
-    a = torch.randn(4096, 4096, device=acc.device, dtype=torch.bfloat16 if cuda else torch.float32)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ a
-    if cuda:
-        torch.cuda.synchronize()
-    peak = 10 * 2 * 4096 ** 3 / (time.perf_counter() - t0)
+    peak = matmul_peak(acc.device, torch.bfloat16 if cuda else torch.float32, n=4096)
     out.update(matmul_peak_flops=peak, mfu_percent=100 * out["train_tokens_per_s"] * 6 * out["active_params"] / peak)
     prompts = [user(math_item(r, True)[0]) for _ in range(64)]
     for name, temperature in [("greedy", 0.0), ("sampled", 1.0)]:
@@ -2219,19 +2211,25 @@ def bench_contenders(cfg, acc, tok, batches, fresh):
     return {"own step": own, "transformers.Trainer": trainer, "bare PyTorch loop (floor)": floor}
 
 
+def matmul_peak(device, dtype, n=2048, repeats=5):
+    """FLOP/s of one n x n matmul on this device, the median of `repeats`: the peak MFU is measured against."""
+    import statistics
+    a, times = torch.randn(n, n, device=device, dtype=dtype), []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
+
+
 def bench_mfu(cfg, fresh, tokens_per_s, seq):
     """MFU: 6 x active params per trained token, plus attention, against this machine's fp32 matmul peak."""
-    import statistics
     m = fresh()
     L, H = m.config.num_hidden_layers, m.config.num_attention_heads * m.config.head_dim
     flops_per_token = 6 * active_params(m) + 12 * L * H * seq
-    a = torch.randn(2048, 2048)
-    peak = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ a
-        peak.append(2 * 2048 ** 3 / (time.perf_counter() - t0))
-    peak_flops = statistics.median(peak)
+    peak_flops = matmul_peak(torch.device("cpu"), torch.float32)
     return active_params(m), flops_per_token, peak_flops, 100 * tokens_per_s * flops_per_token / peak_flops
 
 
