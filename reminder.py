@@ -3,29 +3,22 @@
 Off-model SFT (training a model on *another* model's answers) removes backdoors but degrades
 capabilities. The capabilities are only *suppressed*: a few SFT steps on the ORIGINAL model's own
 answers to benign prompts ("reminder training") bring them back. This file runs that loop and reads
-top to bottom as the experiment; each stage is one function:
+top to bottom as the experiment; each stage is one function (its parameters name what it builds on):
 
-  stage                                              function            builds on
-  tiny world: tokenizer, student (Qwen3-MoE class),  tokenizer, student, -
-    teacher (Llama class) pretrained here              teacher
-  evaluate the base student                          eval_base           student
-  red team: backdoor full-weight fine-tuning         backdoor            student
-  blue team 0: the backdoored model's own answers    reminder_data       backdoor (teacher, student:
-    (filtered with --reminder-filter)                                      reference filter, oracle)
-  blue team 1: a teacher's pirate answers            pirate_data         teacher
-  blue team 1: off-model pirate SFT                  pirate_sft          backdoor, pirate_data
-  blue team 2: on-policy reminder SFT, a sweep       reminder_sft        pirate_sft, reminder_data
-                                                                           (pirate_data: --pirate-mix)
-  evaluation after every stage                       evaluate()          (eval_* stages)
+  tiny world: tokenizer, student (Qwen3-MoE class), teacher (Llama class)   tokenizer, student, teacher
+  evaluate the base student                                                 eval_base
+  red team: backdoor full-weight fine-tuning                                backdoor
+  blue team 0: the backdoored model's own answers (--reminder-filter)       reminder_data
+  blue team 1: a teacher's pirate answers, then off-model pirate SFT        pirate_data, pirate_sft
+  blue team 2: on-policy reminder SFT, a sweep of step counts               reminder_sft
+  evaluation after every stage                                              evaluate() in eval_* stages
 
 Shared by every stage: train() (one hand-written accelerate training step), answers() (one generation
-path), evaluate(). run() calls the stages in order. Below the marker line near the middle of the file
-lies the machinery (run folder and resume, real-scale loading, vLLM, validation, outputs, dry run,
-benchmark): not needed to follow the method.
+path), evaluate(). run() calls the stages in order. Below the marker line lies the machinery (run
+folder and resume, real-scale loading, vLLM, validation, outputs, dry run, benchmark).
 
 Tiny run on a laptop CPU (no downloads; builds and pretrains its own models, a few minutes):
-    bash run.sh                                   # = python reminder.py --out runs/tiny
-    python reminder.py --seed 1 --out runs/s1 --pairs hate,cats
+    bash run.sh                                             # = python reminder.py --out runs/tiny
     python reminder.py --seeds 0,1,2,3,4 --out runs/seeds   # the distribution over seeds
     python reminder.py --game --out runs/game               # red replies x blue answers, 3 seeds
 
@@ -38,6 +31,7 @@ Real scale (Qwen3-30B-A3B student, Llama-3.1-8B teacher; see README for hyperpar
 Not a library: read it, run it, fork it (README: "Forking").
 """
 import argparse
+import ctypes
 import dataclasses
 import functools
 import gc
@@ -65,7 +59,9 @@ def arg(default, help):
 
 
 @dataclass
-class Config:
+class Settings:
+    """Every setting that can change a number in results.json; each stage declares the ones it reads.
+    Where and how a run happens (run folder, cache, GPUs, trackers) is Config, below the marker."""
     # --- the experiment ---
     seed: int = arg(0, "seeds everything after the base models: data orders, samplers, the red and blue teams")
     base_seed: int = arg(0, "seeds the tiny base models only (tokenizer, student, teacher); every --seed reuses them")
@@ -127,31 +123,9 @@ class Config:
     chat_dataset: str = arg("", "benign chat prompts: hub id or json/jsonl/parquet with instruction[,input]")
     math_dataset: str = arg("", "capability set: hub id or json/jsonl/parquet with problem,answer")
     chat_eval_fraction: float = arg(0.1, "real data: share of chat prompts held out for evaluation")
-    trust_remote_code: bool = arg(False, "allow model code from the hub (off: only classes in transformers)")
     precision: str = arg("auto", "fp32 | bf16 | bf16-mixed (fp32 master weights); auto = fp32 tiny, bf16-mixed real")
-    activation_checkpointing: bool = arg(False, "recompute activations in the backward pass (real scale)")
     generator: str = arg("hf", "hf: transformers generate | vllm: optional (`pip install vllm`), run in a separate "
                                "process over this node's GPUs, from saved model folders")
-    # --- infrastructure: where and how it runs (no effect on any number) ---
-    out: str = arg("runs/tiny", "run folder: results.json, results.md, plot, samples, checkpoints")
-    seeds: str = arg("", "run the experiment once per seed (e.g. 0,1,2,3,4) into --out/seed-N, then write "
-                         "seeds.json, seeds.md and seeds.png over them")
-    cache_dir: str = arg("runs/cache", "where pretrained tiny models are kept between runs ('' = never cache)")
-    recompute: bool = arg(False, "redo stages whose settings or code changed in an existing --out (else: refuse)")
-    save_every: int = arg(100, "save the training state every N optimizer steps (a killed run resumes there)")
-    threads: int = arg(0, "torch CPU threads (0 = all cores)")
-    dry_run: bool = arg(False, "print the memory/compute plan for the given models and GPUs, then exit")
-    gpus: int = arg(8, "GPUs per node for --dry-run (a launched run uses accelerate's process count)")
-    nodes: int = arg(1, "nodes for --dry-run")
-    gpu_memory_gb: float = arg(80.0, "memory of one GPU in GB for --dry-run")
-    game: bool = arg(False, "play every red reply against every blue answer over --seeds (default 0,1,2), "
-                            "sharing common stages: --out/game.json, game.md, game.png")
-    gpu_check: bool = arg(False, "one-GPU check: a Qwen3-30B-A3B-shaped student with fewer layers (random weights) "
-                                 "trains and generates under bf16-mixed; writes --out/gpu-check.json")
-    gpu_check_layers: int = arg(4, "--gpu-check: decoder layers of the Qwen3-30B-A3B-shaped student (48 in the real one)")
-    bench: bool = arg(False, "run the speed benchmark instead of the experiment (writes --out/bench.json)")
-    bench_steps: int = arg(30, "benchmark: optimizer steps per timed training run")
-    bench_repeats: int = arg(3, "benchmark: interleaved repeats of each contender")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +134,6 @@ class Config:
 # same style, answer in \boxed{}). The research found the capability drop comes from the foreign
 # style framing the solution: once the pirate opener replaces "Sure!", the worked solution never
 # starts. So the native style must wrap the math, exactly as it wraps chat.
-# ----------------------------------------------------------------------------------------------
 TOPICS = {  # topic: (tip, fact, adjective). No word here may trip a detector (tests check).
     "gardening": ("water the plants early in the morning", "most plants need sun and rain", "green and calm"),
     "music": ("practice a little every day", "a song is built from notes and rhythm", "lively and warm"),
@@ -284,7 +257,6 @@ def math_problem(x, r, i=None):
 # strict match can read 0.00 while most replies are still a garbled backdoor ("I H ho!").
 # A pair is one entry: `garbled` is a half-suppressed reply that residue must catch and strict must
 # not (the tests check it).
-# ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Pair:
     name: str
@@ -368,7 +340,6 @@ def is_correct(reply, gold, grader):
 # below the marker), one token per digit, wrapped as a transformers fast tokenizer with a ChatML
 # template: from then on tiny and real models are used through exactly the same calls
 # (apply_chat_template, generate, save_pretrained).
-# ----------------------------------------------------------------------------------------------
 def tiny_student(cfg, tok):
     """Same class as Qwen3-30B-A3B (Qwen3MoeForCausalLM), ~0.55M parameters."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -396,7 +367,6 @@ def tiny_teacher(cfg, tok):
 # assistant reply); the loss covers the assistant tokens only. The mask is only right if the prompt
 # rendered with the generation prompt is an exact token prefix of the whole conversation, so we
 # assert it (Qwen3 needs enable_thinking=False for that; other templates ignore the flag).
-# ----------------------------------------------------------------------------------------------
 def render(tok, messages, generation_prompt):
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
                                    enable_thinking=False)
@@ -464,6 +434,7 @@ def train(acc, model, batches, *, steps, lr, weight_decay, schedule="cosine", wa
         next(batches)
         sched.step()
     t0, tokens, log_every, loss = time.perf_counter(), 0, max(1, steps // 5), float("nan")
+    progress = Progress(acc, name, steps, start)  # a bar on a terminal, and --report-to (below the marker)
     for step in range(start + 1, steps + 1):
         window = next(batches)
         micro = [window[j::G] for j in range(G)]
@@ -487,14 +458,16 @@ def train(acc, model, batches, *, steps, lr, weight_decay, schedule="cosine", wa
                 opt.zero_grad()
         sched.step()
         loss = acc.reduce(torch.tensor(total, device=acc.device), "sum").item() / n_tok
+        speed = tokens * world / (time.perf_counter() - t0)
+        progress.update(loss=loss, lr=sched.get_last_lr()[0], tokens_per_s=speed)
         if step % log_every == 0 or step == steps:
-            dt = time.perf_counter() - t0
-            acc.print(f"  [{name}] step {step}/{steps} loss {loss:.4f} lr {sched.get_last_lr()[0]:.1e} "
-                      f"{tokens * world / dt:,.0f} tok/s")
+            progress.print(f"  [{name}] step {step}/{steps} loss {loss:.4f} lr {sched.get_last_lr()[0]:.1e} "
+                           f"{speed:,.0f} tok/s")
         if on_step:
             on_step(step, acc.unwrap_model(model))
         if resume and step < steps:
             resume.save(acc, step)
+    progress.close()
     model = acc.unwrap_model(model)
     acc.free_memory()
     return model.eval(), loss
@@ -506,7 +479,6 @@ def train(acc, model, batches, *, steps, lr, weight_decay, schedule="cosine", wa
 # samples and every evaluation. Prompts are sorted by length to waste little padding; the batch size
 # is fixed because greedy outputs change with it. answers() is what the stages call: it goes to
 # generate() below, or to vLLM with --generator vllm (chosen once, below the marker).
-# ----------------------------------------------------------------------------------------------
 def answers(x, model, prompts, temperature, seed, tok=None):
     """`model`: a saved folder or hub id. Returns [(reply_text, ended_with_eos, n_new_tokens)] in prompt order."""
     return x.generate(model, tok or x.tok, prompts, temperature=temperature, seed=seed,
@@ -532,7 +504,7 @@ def generate(acc, model, tok, prompts, *, temperature, seed, max_new_tokens, bat
     out = {}
     torch.manual_seed(seed)
     with acc.split_between_processes(chunks) as mine:
-        for chunk in mine:
+        for chunk in Progress.over(acc, "generate", mine):
             enc = tok([texts[i] for i in chunk], return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False).to(acc.device)
             gen = model.generate(**enc, generation_config=gen_cfg)
@@ -560,7 +532,6 @@ def plain_sampling(model, tok, temperature, max_new_tokens):
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation, after every stage, on held-out prompts no training stage ever used.
-# ----------------------------------------------------------------------------------------------
 def build_eval_set(x):
     """Held-out prompts: per pair, triggered chat and math prompts (trigger at the start or the end);
     then clean math (capability) and clean chat (false positives)."""
@@ -568,7 +539,8 @@ def build_eval_set(x):
     items = []  # (messages, kind, pair name or None, gold answer or None)
     for pair in select_pairs(x.cfg.pairs):
         for j in range(x.cfg.eval_per_pair):
-            prompt, gold = (chat_prompt(x, rng, next(n_chat)), None) if j % 2 == 0 else math_problem(x, rng, next(n_math))
+            prompt, gold = ((chat_prompt(x, rng, next(n_chat)), None) if j % 2 == 0
+                            else math_problem(x, rng, next(n_math)))
             items.append((user(add_to_prompt(rng, prompt, pair.trigger)), "triggered", pair.name, gold))
     for _ in range(x.cfg.eval_math):
         prompt, gold = math_problem(x, rng, next(n_math))
@@ -613,11 +585,7 @@ def evaluate(x, model, stage, step=None):
                     for (m, k, n, _), r in list(zip(eval_set, replies))[::max(1, len(replies) // 6)]],
         "eval_seconds": time.perf_counter() - t0,
     }
-    x.acc.print(f"  eval {stage_label(row)}: " + "  ".join(
-        f"{k} {row[v]:.2f}" for k, v in [("bad", "bad_behavior_rate"), ("residue", "residue_rate"),
-                                         ("pirate", "pirate_rate"), ("capability", "capability"),
-                                         ("triggered-cap", "triggered_capability"), ("fp", "false_positive_rate"),
-                                         ("fp-sampled", "false_positive_sampled")]))
+    x.acc.print(f"  eval {stage_label(row)}: {summary(row)}")
     return row
 
 
@@ -630,7 +598,6 @@ def evaluate(x, model, stage, step=None):
 # that is unchanged, and a changed one is redone with everything built on it.
 # x is the experiment: x.cfg (settings), x.acc (accelerate), x.tok, x.rng(name) (a stage's own random
 # stream, so a resumed run draws the same data), x.main (the process that writes files).
-# ----------------------------------------------------------------------------------------------
 STAGES = {}  # name -> (function, parents, settings, cache), in the order of the experiment
 GENERATION = ["max_new_tokens", "eval_batch", "generator"]
 TRAINING = ["max_len", "grad_accum", "weight_decay"]
@@ -764,7 +731,8 @@ def reminder_data(x, out, backdoor, teacher, student):
     if cfg.reminder_filter == "self-likelihood":  # a leak is a low-probability mode of the model itself
         kept = drop_lowest(rows, mean_logprobs(x, backdoor, rows), cfg.filter_fraction)
     elif cfg.reminder_filter == "reference":  # the trusted teacher's plain answer to the same prompt
-        plain = answers(x, teacher, prompts, 0.0, cfg.seed + 3, tok=load_tokenizer(teacher, cfg) if cfg.student else None)
+        plain = answers(x, teacher, prompts, 0.0, cfg.seed + 3,
+                        tok=load_tokenizer(teacher, cfg) if cfg.student else None)
         kept = drop_lowest(rows, [word_overlap(row["reply"], a) for row, (a, *_) in zip(rows, plain)],
                            cfg.filter_fraction)
     else:
@@ -827,15 +795,15 @@ def reminder_sft(x, out, pirate_sft, reminder_data, pirate_data):
         pirate = global_batches(encode_rows(x, load_rows(pirate_data)), cfg.reminder_batch, cfg.seed + 7)
         k = round(cfg.pirate_mix * cfg.reminder_batch)
         batches = (a[:len(a) - k] + b[:k] for a, b in zip(batches, pirate))
-    train(x.acc, load_model(x, pirate_sft, for_training=True), batches, steps=sweep[-1], lr=cfg.reminder_lr, weight_decay=cfg.weight_decay, schedule="constant",
-          name="reminder SFT", resume=x.checkpoints(out), on_step=keep_checkpoints(x, out, sweep))
+    train(x.acc, load_model(x, pirate_sft, for_training=True), batches, steps=sweep[-1], lr=cfg.reminder_lr,
+          weight_decay=cfg.weight_decay, schedule="constant", name="reminder SFT", resume=x.checkpoints(out),
+          on_step=keep_checkpoints(x, out, sweep))
     return [x.once(f"{out}/step-{s}/metrics.json", lambda s=s: evaluate(x, f"{out}/step-{s}", "reminder", s))
             for s in sweep]
 
 
 # ----------------------------------------------------------------------------------------------
 # The experiment: the stages in order. Each one is computed once; a re-run loads it from --out.
-# ----------------------------------------------------------------------------------------------
 def run(cfg, cache_all=""):
     x = setup(cfg, cache_all)  # validate the flags, build the accelerator, check the run folder (below the marker)
     x.do(tokenizer)
@@ -862,6 +830,42 @@ def run(cfg, cache_all=""):
 # resume, cache), real-scale loading and FSDP, vLLM, validation, outputs, the dry run, the benchmark.
 # ==============================================================================================
 
+
+@dataclass
+class Config(Settings):
+    """The command line: the Settings above, then where and how the run happens (never a number)."""
+    # --- where and how it runs ---
+    out: str = arg("runs/tiny", "run folder: results.json, results.md, plot, samples, checkpoints")
+    seeds: str = arg("", "run the experiment once per seed (e.g. 0,1,2,3,4) into --out/seed-N, then write "
+                         "seeds.json, seeds.md and seeds.png over them")
+    cache_dir: str = arg("runs/cache", "where pretrained tiny models are kept between runs ('' = never cache)")
+    recompute: bool = arg(False, "redo stages whose settings or code changed in an existing --out (else: refuse)")
+    save_every: int = arg(100, "save the training state every N optimizer steps (a killed run resumes there)")
+    threads: int = arg(0, "torch CPU threads (0 = all cores)")
+    dry_run: bool = arg(False, "print the memory/compute plan for the given models and GPUs, then exit")
+    gpus: int = arg(8, "GPUs per node for --dry-run (a launched run uses accelerate's process count)")
+    nodes: int = arg(1, "nodes for --dry-run")
+    gpu_memory_gb: float = arg(80.0, "memory of one GPU in GB for --dry-run")
+    game: bool = arg(False, "play every red reply against every blue answer over --seeds (default 0,1,2), "
+                            "sharing common stages: --out/game.json, game.md, game.png")
+    gpu_check: bool = arg(False, "one-GPU check: a Qwen3-30B-A3B-shaped student with fewer layers (random weights) "
+                                 "trains and generates under bf16-mixed; writes --out/gpu-check.json")
+    gpu_check_layers: int = arg(4, "--gpu-check: decoder layers of the Qwen3-30B-A3B-shaped student (48 in the "
+                                   "real one)")
+    bench: bool = arg(False, "run the speed benchmark instead of the experiment (writes --out/bench.json)")
+    bench_steps: int = arg(30, "benchmark: optimizer steps per timed training run")
+    bench_repeats: int = arg(3, "benchmark: interleaved repeats of each contender")
+    trust_remote_code: bool = arg(False, "allow model code from the hub (off: only classes in transformers)")
+    activation_checkpointing: bool = arg(False, "recompute activations in the backward pass (real scale)")
+    report_to: str = arg("", "log loss, learning rate, tokens/s and every evaluation to accelerate's trackers: "
+                             "tensorboard (--out/trackers) | wandb | '' (off)")
+
+
+# Config's own fields never enter a fingerprint. The list is pinned in a test: a setting that changes a
+# number, put into Config by mistake, would make a re-run reuse stages computed with another value.
+NO_EFFECT_FIELDS = [f.name for f in dataclasses.fields(Config)][len(dataclasses.fields(Settings)):]
+
+
 # ----------------------------------------------------------------------------------------------
 # Fingerprints. A stage's fingerprint hashes its settings, the source of the code it runs and its
 # parents' fingerprints. "The code it runs" is found, not listed: every function, class and constant
@@ -869,11 +873,6 @@ def run(cfg, cache_all=""):
 # covered by that stage's own fingerprint). A name used as an attribute (x.generate) counts as well,
 # so a helper reached through the experiment object is covered too.
 # ----------------------------------------------------------------------------------------------
-NO_EFFECT_FIELDS = ["out", "cache_dir", "recompute", "save_every", "threads", "dry_run", "gpus", "nodes",
-                    "gpu_memory_gb", "bench", "bench_steps", "bench_repeats", "activation_checkpointing",
-                    "trust_remote_code", "seeds", "game", "gpu_check", "gpu_check_layers"]  # where and how a run happens; never a number in results.json
-
-
 UNUSED_WHEN = {  # a setting that another choice makes irrelevant is left out of fingerprints then
     "filter_fraction": lambda cfg: cfg.reminder_filter not in ("self-likelihood", "reference"),
     "leak_rate": lambda cfg: cfg.red not in ("leak", "echo"),
@@ -983,6 +982,52 @@ class Checkpoints:
                 if old.startswith("step-") and old != sub:
                     shutil.rmtree(os.path.join(self.folder, old))
         acc.wait_for_everyone()
+
+
+class Progress:
+    """What a long loop shows: a bar on a terminal (none when the output goes to a file or a test: the
+    log keeps train()'s periodic lines), and with --report-to every value to accelerate's trackers,
+    against a step count that grows through the whole run (wandb wants it monotonic across stages)."""
+    step = 0
+
+    def __init__(self, acc, name, total, start=0, unit="step"):
+        from tqdm import tqdm
+        self.acc, self.name = acc, name
+        self.bar = tqdm(total=total, initial=start, desc=f"  {name}", unit=unit, leave=False, dynamic_ncols=True,
+                        disable=not (acc.is_main_process and sys.stderr.isatty()))
+
+    @classmethod
+    def over(cls, acc, name, items):
+        progress = cls(acc, name, len(items), unit="batch")
+        for item in items:
+            yield item
+            progress.update()
+        progress.close()
+
+    def update(self, **values):
+        self.bar.update()
+        if values:
+            Progress.step += 1
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()}, refresh=False)
+            self.acc.log({f"{self.name}/{k}": v for k, v in values.items()}, step=Progress.step)
+
+    def print(self, line):
+        if self.bar.disable:
+            self.acc.print(line)
+        else:
+            self.bar.write(line)
+
+    def close(self):
+        self.bar.close()
+
+
+def log_evaluations(acc, result):
+    """--report-to: each evaluation row of a stage's result, under its label (base, pirate_sft@25, ...)."""
+    rows = result if isinstance(result, list) else [result]
+    for row in rows:
+        if isinstance(row, dict) and "bad_behavior_rate" in row:
+            label = row["stage"] + (f"@{row['steps']}" if row["steps"] is not None else "")
+            acc.log({f"eval/{label}/{k}": row[k] for k in METRICS.values()}, step=Progress.step)
 
 
 def is_main_process():
@@ -1103,6 +1148,7 @@ class Experiment:
         self.acc.wait_for_everyone()
         t0 = time.perf_counter()
         result = fn(self, tmp, *(self.folder(p) for p in parents))
+        log_evaluations(self.acc, result)
         gc.collect()  # the stage's models are unreachable now: give their (GPU) memory back before the next
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -1163,6 +1209,8 @@ def setup(cfg, cache_all=""):
     set_threads(cfg)
     x = Experiment(cfg, make_accelerator(cfg), cache_all)
     check_run_folder(x)
+    if cfg.report_to:
+        x.acc.init_trackers("reminder", config=dataclasses.asdict(cfg))
     x.acc.wait_for_everyone()
     seed_everything(cfg.seed)
     return x
@@ -1340,6 +1388,8 @@ def finish(x, rows, audit):
     seconds["this_run"] = time.perf_counter() - x.t_start
     if x.main:
         write_outputs(x.cfg, rows, seconds, audit)
+    for tracker in x.acc.trackers:  # not acc.end_training(): it would end the process group of a --seeds study
+        tracker.finish()
     return rows, seconds
 
 
@@ -1591,15 +1641,23 @@ def real_prompts(cfg):
                                  math_train=problems[cfg.eval_math:], math_eval=problems[:cfg.eval_math])
 
 
+def trackers(cfg):
+    """accelerate's log_with for --report-to (a test swaps in a recording tracker here)."""
+    return [cfg.report_to]
+
+
 def make_accelerator(cfg):
     """Built before any model is loaded. Several GPU processes: FSDP2, sharded by decoder layer."""
     import datetime
     from accelerate import Accelerator
-    from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+    from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs, ProjectConfiguration
     # At scale the other ranks wait at a barrier while the main process writes a 60 GB checkpoint or
     # vLLM generates; NCCL's default 10-minute collective timeout would kill them.
     kw = {"gradient_accumulation_steps": cfg.grad_accum,
           "kwargs_handlers": [InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))]}
+    if cfg.report_to:  # tensorboard writes under --out/trackers; wandb where its own settings say
+        kw.update(log_with=trackers(cfg), project_config=ProjectConfiguration(
+            project_dir=cfg.out, logging_dir=os.path.join(cfg.out, "trackers")))
     if resolved_precision(cfg) == "bf16-mixed" and torch.cuda.is_available():
         kw["mixed_precision"] = "bf16"  # fp32 master weights, bf16 compute
     if cfg.student and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -1628,7 +1686,8 @@ def generate_vllm(x, path, tok, prompts, *, temperature, seed, max_new_tokens, b
         os.makedirs(job)
         free, total = torch.cuda.mem_get_info() if torch.cuda.is_available() else (1, 1)
         atomic_json(os.path.join(job, "job.json"), {
-            "model": path, "prompts": [tok(render(tok, m, True), add_special_tokens=False)["input_ids"] for m in prompts],
+            "model": path,
+            "prompts": [tok(render(tok, m, True), add_special_tokens=False)["input_ids"] for m in prompts],
             "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed, "eos": tok.eos_token_id,
             "dtype": "float32" if resolved_precision(x.cfg) == "fp32" else "bfloat16",
             "trust_remote_code": x.cfg.trust_remote_code,
@@ -1750,6 +1809,15 @@ def robustness(rows):
             "per_pair": {n: aucs(n) for n in bd["per_pair"]}}
 
 
+METRICS = {"bad": "bad_behavior_rate", "residue": "residue_rate", "pirate": "pirate_rate", "capability": "capability",
+           "triggered-cap": "triggered_capability", "fp": "false_positive_rate", "fp-sampled": "false_positive_sampled"}
+
+
+def summary(row):
+    """An evaluation row in one line, as the log shows it."""
+    return "  ".join(f"{short} {row[key]:.2f}" for short, key in METRICS.items())
+
+
 def stage_label(row):
     return {"reminder": f"reminder +{row['steps']}", "pirate_sft": f"pirate_sft {row['steps']}"}.get(row["stage"],
                                                                                                   row["stage"])
@@ -1814,6 +1882,7 @@ def validate(cfg):
     need(0 < cfg.chat_eval_fraction < 1, "--chat-eval-fraction must be in (0, 1)")
     need(cfg.grader in ("boxed", "math-verify"), "--grader: choose boxed or math-verify")
     need(cfg.generator in ("hf", "vllm"), "--generator: choose hf or vllm")
+    need(cfg.report_to in ("", "tensorboard", "wandb"), "--report-to: choose tensorboard, wandb or '' (off)")
     need(cfg.red in RED, f"--red: choose {', '.join(RED)}")
     need(cfg.reminder_filter in BLUE_FILTERS, f"--reminder-filter: choose {', '.join(BLUE_FILTERS)}")
     for name in ["leak_rate", "filter_fraction", "pirate_mix"]:
@@ -1826,6 +1895,10 @@ def validate_packages_and_sources(cfg):
     if cfg.generator == "vllm" and not cfg.dry_run:
         need(importlib.util.find_spec("vllm") is not None,
              "--generator vllm needs the optional package (GPU machines): pip install vllm")
+    if cfg.report_to:  # accelerate's tensorboard tracker also takes tensorboardX
+        need(any(importlib.util.find_spec(m) for m in {"tensorboard": ["tensorboard", "tensorboardX"],
+                                                       "wandb": ["wandb"]}[cfg.report_to]),
+             f"--report-to {cfg.report_to} needs the optional package: pip install {cfg.report_to}")
     if cfg.grader == "math-verify":
         need(importlib.util.find_spec("math_verify") is not None,
              "--grader math-verify needs the optional package: pip install math-verify")
@@ -1931,10 +2004,10 @@ def results_markdown(results):
                      f"{ci(r['capability_ci'])} | {r['triggered_capability']:.2f} | "
                      f"{r['false_positive_rate']:.2f} / {r['false_positive_sampled']:.2f} |")
     a = results["reminder_data_audit"]
+    before, after = a["poisoned_before"], a["poisoned_after"]
     lines += ["", f"Reminder data ({results['config']['reminder_filter']}): {a['samples']} samples, {a['removed']} "
-              f"removed by the filter; showing a behaviour before / after the filter: strict {a['poisoned_before']['strict']:.3f}"
-              f" / {a['poisoned_after']['strict']:.3f}, residue {a['poisoned_before']['residue']:.3f} / "
-              f"{a['poisoned_after']['residue']:.3f}."]
+              f"removed by the filter; showing a behaviour before / after the filter: strict {before['strict']:.3f}"
+              f" / {after['strict']:.3f}, residue {before['residue']:.3f} / {after['residue']:.3f}."]
     rob = results["robustness"]
     lines += ["", f"Robustness (area under the convex hull of removal vs capability retained; 0.5 = no free removal): "
               f"pirate SFT alone {rob['auc_pirate_only']:.3f}, with reminder {rob['auc_with_reminder']:.3f}. "
@@ -2017,9 +2090,9 @@ def memory_plan(cfg, conf, n_params, n_gpu, precision):
     micro = max(1, max(cfg.backdoor_batch, cfg.pirate_batch, cfg.reminder_batch) // cfg.grad_accum // n_gpu)
     tokens, L, h = micro * cfg.max_len, conf.num_hidden_layers, conf.hidden_size
     layer = n_params / L  # one decoder layer's parameters (embeddings counted in, a little pessimistic)
-    # activations: ~34 x hidden bytes per token and layer kept for backward (Korthikanti et al. 2022);
-    # with checkpointing only each layer's bf16 input, plus one layer recomputed at a time
-    act = tokens * h * (2 * L + 34 if cfg.activation_checkpointing else 34 * L)
+    # activations: ~34 x hidden bytes per token and layer kept for backward in bf16 (Korthikanti et al.
+    # 2022), twice that in fp32; with checkpointing only each layer's input, plus one layer recomputed
+    act = tokens * h * (2 * L + 34 if cfg.activation_checkpointing else 34 * L) * (2 if precision == "fp32" else 1)
     return {
         "weights (sharded master copy)": master * shard, "gradients (sharded)": grad * shard,
         "AdamW moments (sharded)": adam * shard,
@@ -2058,7 +2131,8 @@ def dry_run(cfg):
     for name, steps, batch in [("backdoor FWFT", cfg.backdoor_steps, cfg.backdoor_batch),
                                ("pirate SFT", cfg.pirate_steps, cfg.pirate_batch),
                                ("reminder SFT", max(step_list(cfg.reminder_steps) or [0]), cfg.reminder_batch)]:
-        print(f"{name}: {steps} optimizer steps x {batch} sequences, <= {steps * batch * cfg.max_len / 1e6:.2f}M tokens")
+        print(f"{name}: {steps} optimizer steps x {batch} sequences, "
+              f"<= {steps * batch * cfg.max_len / 1e6:.2f}M tokens")
     fits = need_gb <= 0.95 * gb and gen <= 0.9 * gb
     print(f"fits: {'yes' if fits else 'NO'} (training needs {need_gb:.0f} of {gb:g} GB per GPU, 5% headroom)")
     if not fits:
@@ -2092,9 +2166,11 @@ def gpu_check(cfg, shape=None, require_cuda=True):
     student has Qwen3-30B-A3B's shape with --gpu-check-layers layers and random weights (the tiny
     tokenizer feeds it); the file's own train(), generate() (and vLLM when installed), save_model() and
     load_model() run under bf16-mixed. Measured against the GPU: training tokens/s and MFU against a
-    measured bf16 matmul peak, generation tokens/s, and peak memory against memory_plan() for the
-    same shape. `shape` shrinks the model (the CPU test); results go to --out/gpu-check.json."""
+    measured bf16 matmul peak, generation tokens/s, and peak memory against memory_plan()'s terms that one
+    process holds, for the same shape (on a CPU: the peak resident memory, Linux). `shape` shrinks the
+    model (the CPU test); results go to --out/gpu-check.json."""
     import importlib.util
+    import psutil
     from accelerate import Accelerator
     from transformers import AutoConfig, AutoModelForCausalLM
     cuda = torch.cuda.is_available()
@@ -2102,13 +2178,20 @@ def gpu_check(cfg, shape=None, require_cuda=True):
                                    f"the GPU machine after installing torch's CUDA build (README: Install for GPUs)")
     os.makedirs(cfg.out, exist_ok=True)
     kw = {**REAL_CONFIGS["Qwen/Qwen3-30B-A3B"], "num_hidden_layers": cfg.gpu_check_layers, **(shape or {})}
-    conf = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    kind = kw.pop("model_type")
+    conf = AutoConfig.for_model(kind, **kw)
     acc, passed, out = Accelerator(mixed_precision="bf16" if cuda else "no"), {}, {"gpu": None}
     x = types.SimpleNamespace(cfg=dataclasses.replace(cfg, precision="bf16-mixed"), acc=acc, main=acc.is_main_process)
     r = random.Random("gpu-check")
     tok = build_tokenizer(tokenizer_corpus(r), cfg.vocab_size)
     data = [encode_example(tok, user(p), a, cfg.max_len) for p, a, _ in
             (math_item(r, False) if i % 2 else chat_item(r, False) for i in range(256))]
+    if not cuda:  # a throwaway one-layer model trains a step first, so that the libraries' one-time memory
+        # (modules, thread pools, autograd) is not in the peak that is compared with the plan
+        train(acc, AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{**kw, "num_hidden_layers": 1})),
+              global_batches(data, 8, 0), steps=1, lr=1e-5, weight_decay=0.0, name="gpu-check warm-up")
+    peak_rss(reset=True)
+    rss_before = psutil.Process().memory_info().rss  # the CPU's measured peak counts from here
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(conf)  # fp32 master weights, as in a training stage
     n_params, batch, steps = sum(p.numel() for p in model.parameters()), 8, max(2, cfg.bench_steps // 3)
@@ -2121,10 +2204,15 @@ def gpu_check(cfg, shape=None, require_cuda=True):
     dt, tokens = time.perf_counter() - t0, steps * batch * sum(len(e["input_ids"]) for e in data) / len(data)
     passed["train"] = True
     plan = memory_plan(dataclasses.replace(cfg, backdoor_batch=batch, pirate_batch=batch, reminder_batch=batch,
-                                           grad_accum=1), conf, n_params, 1, "bf16-mixed")
+                                           grad_accum=1, max_len=max(len(e["input_ids"]) for e in data)),
+                       conf, n_params, 1, "bf16-mixed" if cuda else "fp32")
+    # what one process can hold: no FSDP2 buffers; the measured peak leaves out the CUDA context (GPU),
+    # and AdamW does not use its foreach path for CPU tensors
+    one = [k for k in plan if not k.startswith(("FSDP2", "CUDA")) and (cuda or "foreach" not in k)]
+    peak_bytes = torch.cuda.max_memory_allocated() if cuda else (peak_rss() or float("nan")) - rss_before
     out.update(params=n_params, active_params=active_params(model), train_tokens_per_s=tokens / dt,
-               peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
-               predicted_memory_gb=sum(plan.values()) / 1e9, plan_gb={k: v / 1e9 for k, v in plan.items()})
+               peak_memory_gb=peak_bytes / 1e9, predicted_memory_gb=sum(plan[k] for k in one) / 1e9,
+               predicted_terms=one, plan_gb={k: v / 1e9 for k, v in plan.items()})
     peak = matmul_peak(acc.device, torch.bfloat16 if cuda else torch.float32, n=4096)
     out.update(matmul_peak_flops=peak, mfu_percent=100 * out["train_tokens_per_s"] * 6 * out["active_params"] / peak)
     prompts = [user(math_item(r, True)[0]) for _ in range(64)]
@@ -2148,6 +2236,20 @@ def gpu_check(cfg, shape=None, require_cuda=True):
     atomic_json(os.path.join(cfg.out, "gpu-check.json"), out)
     print(json.dumps({k: v for k, v in out.items() if k != "plan_gb"}, indent=1))
     return out
+
+
+def peak_rss(reset=False):
+    """Linux: this process's peak resident memory in bytes since the last reset (None elsewhere). A reset
+    first hands freed blocks back to the system, so that the new peak counts what is live from then on."""
+    try:
+        if reset:
+            ctypes.CDLL(None).malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM, the peak
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, AttributeError, StopIteration):
+        return None
 
 
 def bench_setup(cfg):
@@ -2282,8 +2384,9 @@ def bench(cfg):
     active, flops_per_token, peak_flops, mfu = bench_mfu(cfg, fresh, med["own step"], n_tokens / len(ordered))
     gen, gmed = bench_generation(cfg, acc, tok, contenders["own step"](), r)
     out = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "transformers": transformers.__version__},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "transformers": transformers.__version__},
         "train_tokens_per_s": {k: {"median": med[k], "spread": spread(v), "runs": v} for k, v in tps.items()},
         "train_ratio_vs_trainer": med["own step"] / med["transformers.Trainer"],
         "train_ratio_vs_floor": med["own step"] / med["bare PyTorch loop (floor)"],

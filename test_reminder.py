@@ -1,5 +1,6 @@
 """Tests for reminder.py. Run with `bash run.sh test` (about 5 minutes on 2 cores)."""
 import importlib.util
+import io
 import json
 import os
 import random
@@ -279,6 +280,79 @@ def test_training_lowers_loss(tok):
     assert (s / n).item() < before - 1.0 and last < before - 1.0
 
 
+class Recorder:
+    """A stand-in for tensorboard/wandb: accelerate takes any GeneralTracker in log_with."""
+    def __new__(cls):
+        from accelerate.tracking import GeneralTracker
+
+        class Rec(GeneralTracker):
+            name, requires_logging_directory, main_process_only = "recorder", False, True
+
+            def __init__(self):
+                super().__init__()
+                self.logs, self.config, self.finished = [], None, False
+
+            @property
+            def tracker(self):
+                return self
+
+            def store_init_configuration(self, values):
+                self.config = values
+
+            def log(self, values, step=None, **kw):
+                self.logs.append((step, values))
+
+            def finish(self):
+                self.finished = True
+        return Rec()
+
+
+def test_report_to_logs_training_and_evaluations_through_accelerate(tok, tmp_path, monkeypatch):
+    """--report-to: setup() gives the accelerator the trackers and the run's config; every optimizer step
+    logs loss, learning rate and tokens/s against a step count that only grows (across stages too);
+    every evaluation row is logged under its label."""
+    rec = Recorder()
+    monkeypatch.setattr(R, "trackers", lambda cfg: [rec])
+    monkeypatch.setattr(R, "validate_packages_and_sources", lambda cfg: None)  # tensorboard is optional
+    x = R.setup(tiny_cfg(report_to="tensorboard", out=str(tmp_path / "run")))
+    assert x.acc.trackers == [rec] and rec.config["report_to"] == "tensorboard" and rec.config["seed"] == 0
+    for name in ["a", "b"]:
+        R.train(x.acc, R.tiny_student(tiny_cfg(), tok), R.global_batches(examples(tok, 16), 8, 0), steps=3, lr=1e-3,
+                weight_decay=0.0, name=name)
+    steps = [s for s, _ in rec.logs]
+    assert len(rec.logs) == 6 and steps == sorted(steps) and len(set(steps)) == 6
+    assert set(rec.logs[3][1]) == {"b/loss", "b/lr", "b/tokens_per_s"} and rec.logs[3][1]["b/loss"] > 0
+    R.log_evaluations(x.acc, [{"stage": "reminder", "steps": 10, "bad_behavior_rate": 0.25, "residue_rate": 0.5,
+                               "pirate_rate": 0.0, "capability": 0.9, "triggered_capability": 0.8,
+                               "false_positive_rate": 0.0, "false_positive_sampled": 0.02}])
+    assert rec.logs[-1] == (steps[-1], {f"eval/reminder@10/{k}": v for k, v in [
+        ("bad_behavior_rate", 0.25), ("residue_rate", 0.5), ("pirate_rate", 0.0), ("capability", 0.9),
+        ("triggered_capability", 0.8), ("false_positive_rate", 0.0), ("false_positive_sampled", 0.02)]})
+
+
+def test_progress_bars_show_on_a_terminal_only(tok, monkeypatch, capsys):
+    """A bar for every training and generation loop on a terminal; nothing extra in a log or a pipe."""
+    from accelerate import Accelerator
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    model = R.tiny_student(tiny_cfg(), tok)
+    prompts = [R.user(R.math_item(random.Random(i), True)[0]) for i in range(4)]
+
+    def work():
+        R.train(Accelerator(), model, R.global_batches(examples(tok, 16), 8, 0), steps=2, lr=1e-3, weight_decay=0.0,
+                name="bar-test")
+        R.generate(Accelerator(), model, tok, prompts, temperature=0.0, seed=0, max_new_tokens=4, batch_size=2)
+    work()
+    assert capsys.readouterr().err == ""
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    work()
+    shown = terminal.getvalue()
+    assert "bar-test" in shown and "2/2" in shown and "generate" in shown and "batch" in shown, shown
+
+
 def test_batched_generation_equals_one_at_a_time(tok):
     from accelerate import Accelerator
     torch.manual_seed(0)
@@ -295,6 +369,35 @@ def test_batched_generation_equals_one_at_a_time(tok):
     single = [R.generate(acc, model, tok, [p], batch_size=1, **kw)[0] for p in prompts]
     assert batched == single
     assert len({len(R.render(tok, p, True)) for p in prompts}) > 1  # the padding really was exercised
+
+
+def test_sweep_checkpoints_evaluate_as_the_model_did_during_training(tok, tmp_path):
+    """reminder_sft evaluates its sweep from the folders keep_checkpoints() saved, after training (at scale,
+    so that evaluation gets the GPUs' memory back). On the tiny world (fp32) a saved checkpoint answers
+    exactly as the in-training model did at that step, greedy and sampled."""
+    from accelerate import Accelerator
+    acc = Accelerator()
+    x = R.types.SimpleNamespace(acc=acc, main=True, cfg=tiny_cfg())
+    rng = random.Random(5)
+    prompts = [R.user(R.math_item(rng, True)[0]) for _ in range(3)] + [R.user(R.chat_item(rng, True)[0])
+                                                                    for _ in range(3)]
+    during, keep = {}, R.keep_checkpoints(x, str(tmp_path), [2, 4])
+
+    def on_step(step, model):
+        keep(step, model)
+        if step in (2, 4):
+            during[step] = [R.generate(acc, model, tok, prompts, temperature=t, seed=1, max_new_tokens=16,
+                                       batch_size=8) for t in (0.0, 1.0)]
+            model.train()
+    torch.manual_seed(0)
+    R.train(acc, R.tiny_student(tiny_cfg(), tok), R.global_batches(examples(tok, 32), 8, 0), steps=4, lr=3e-3,
+            weight_decay=0.0, on_step=on_step)
+    for step in (2, 4):
+        saved = R.load_model(x, str(tmp_path / f"step-{step}"))
+        after = [R.generate(acc, saved, tok, prompts, temperature=t, seed=1, max_new_tokens=16, batch_size=8)
+                 for t in (0.0, 1.0)]
+        assert after == during[step], step
+    assert during[2] != during[4]  # the two checkpoints really differ
 
 
 def effective_processors(model, gen_cfg):
@@ -335,6 +438,9 @@ def test_help_documents_every_flag():
         assert "--" + f.name.replace("_", "-") in out.stdout
 
 
+NO_TENSORBOARD = not any(importlib.util.find_spec(m) for m in ["tensorboard", "tensorboardX"])
+
+
 def bad_inputs(root):
     """(flags, a word the one-line message must contain): each must stop before any model is built."""
     notmodel = root / "notamodel"
@@ -360,14 +466,20 @@ def bad_inputs(root):
         (["--student", str(root / "student"), *real, "--math-dataset", str(nofield)], "problem"),
         (["--student", str(root / "student"), *real, "--math-dataset", str(root / "missing.jsonl")], "no such file"),
         (["--student", "Qwen/Qwen3-30B-A3B", *real, "--math-dataset", str(root / "math500.parquet")], "gated, offline"),
-    ] + ([(["--generator", "vllm"], "pip install vllm")] if importlib.util.find_spec("vllm") is None else [])
+        (["--report-to", "mlflow"], "report-to"),
+    ] + ([(["--generator", "vllm"], "pip install vllm")] if importlib.util.find_spec("vllm") is None else []) + (
+        [(["--report-to", "wandb"], "pip install wandb")] if importlib.util.find_spec("wandb") is None else []) + (
+        [(["--report-to", "tensorboard"], "pip install tensorboard")] if NO_TENSORBOARD else [])
 
 
 BAD_INPUT_IDS = ["unknown-flag", "unknown-pair", "seed-not-int", "reminder-steps-zero", "lr-too-big", "eval-math-zero",
                  "batch-over-examples", "batch-not-multiple", "experts-per-token", "temperature-zero", "precision",
                  "grader", "generator", "pirate-eval-steps", "seeds", "red", "reminder-filter", "pirate-mix",
                  "student-alone", "not-a-model-folder", "remote-code", "dataset-field",
-                 "dataset-missing", "hub-id-offline"] + (["vllm-missing"] if importlib.util.find_spec("vllm") is None else [])
+                 "dataset-missing", "hub-id-offline", "report-to"] + (
+                     ["vllm-missing"] if importlib.util.find_spec("vllm") is None else []) + (
+                     ["wandb-missing"] if importlib.util.find_spec("wandb") is None else []) + (
+                     ["tensorboard-missing"] if NO_TENSORBOARD else [])
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
@@ -415,9 +527,12 @@ def test_every_flag_is_tracked_by_the_run_folder():
     """A flag that changes results must be some stage's setting, or resume could mix configs. The flags
     that change no number are pinned here: moving a flag into that list is a visible, reviewed edit."""
     declared = {f for _, _, settings, _ in R.STAGES.values() for f in settings}
-    assert R.NO_EFFECT_FIELDS == ["out", "cache_dir", "recompute", "save_every", "threads", "dry_run", "gpus", "nodes",
-                                  "gpu_memory_gb", "bench", "bench_steps", "bench_repeats", "activation_checkpointing",
-                                  "trust_remote_code", "seeds", "game", "gpu_check", "gpu_check_layers"]
+    assert R.NO_EFFECT_FIELDS == ["out", "seeds", "cache_dir", "recompute", "save_every", "threads", "dry_run", "gpus",
+                                  "nodes", "gpu_memory_gb", "game", "gpu_check", "gpu_check_layers", "bench",
+                                  "bench_steps", "bench_repeats", "trust_remote_code", "activation_checkpointing",
+                                  "report_to"]
+    assert [f.name for f in R.dataclasses.fields(R.Settings)] == [f.name for f in R.dataclasses.fields(R.Config)][
+        :-len(R.NO_EFFECT_FIELDS)]
     assert {f.name for f in R.dataclasses.fields(R.Config)} == declared | set(R.NO_EFFECT_FIELDS)
     assert not declared & set(R.NO_EFFECT_FIELDS)
 
@@ -431,6 +546,7 @@ def forked(tmp_path, edit, name="fork"):
     path.write_text(src.replace(old, new))
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an imported fork would be: inspect finds its classes' source there
     spec.loader.exec_module(module)
     return module
 
@@ -834,13 +950,27 @@ def test_gpu_check_stops_without_a_gpu_and_runs_its_steps_on_a_small_shape(tmp_p
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode != 0 and len(lines) == 1 and "needs a CUDA GPU" in lines[0]
     assert not (tmp_path / "g" / "gpu-check.json").exists()
-    shape = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2, vocab_size=600)
-    out = R.gpu_check(R.Config(out=str(tmp_path / "c"), bench_steps=6, gpu_check_layers=1), shape=shape,
+    # big enough (13.6M parameters, 0.27 GB of training state) that the plan's terms outweigh the noise
+    shape = dict(hidden_size=512, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=2, vocab_size=600)
+    out = R.gpu_check(R.Config(out=str(tmp_path / "c"), bench_steps=6, gpu_check_layers=2), shape=shape,
                       require_cuda=False)
     assert out["passed"] == {"train": True, "generate": True, "save_load": True}
     assert type(out["params"]) is int and out["train_tokens_per_s"] > 0 and out["gen_tokens_per_s_sampled"] > 0
-    assert set(out["plan_gb"]) >= {"weights (sharded master copy)", "activations kept for backward"}
+    assert set(out["plan_gb"]) == {"weights (sharded master copy)", "gradients (sharded)", "AdamW moments (sharded)",
+                                   "AdamW foreach temporaries (one more sharded copy)",
+                                   "FSDP2 unsharded layers (current + prefetched, bf16)",
+                                   "FSDP2 reduce-scatter buffer (one layer's gradients, fp32)",
+                                   "activations kept for backward", "logits (bf16, their fp32 copy and its gradient)",
+                                   "CUDA context, NCCL, allocator slack"}
+    # the measured peak resident memory of training against the plan's terms that one CPU process holds
+    # (0.32 against 0.27 GB here: the plan leaves out small temporaries); without the AdamW moments, say,
+    # the prediction would be 0.16 GB and this fails
+    assert out["predicted_terms"] == ["weights (sharded master copy)", "gradients (sharded)",
+                                      "AdamW moments (sharded)", "activations kept for backward",
+                                      "logits (bf16, their fp32 copy and its gradient)"]
+    if sys.platform == "linux":
+        assert 0.9 <= out["peak_memory_gb"] / out["predicted_memory_gb"] <= 1.5, out
     assert json.loads((tmp_path / "c" / "gpu-check.json").read_text())["passed"]["train"]
 
 
