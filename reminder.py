@@ -840,7 +840,10 @@ class Config(Settings):
                          "seeds.json, seeds.md and seeds.png over them")
     cache_dir: str = arg("runs/cache", "where pretrained tiny models are kept between runs ('' = never cache)")
     recompute: bool = arg(False, "redo stages whose settings or code changed in an existing --out (else: refuse)")
-    save_every: int = arg(100, "save the training state every N optimizer steps (a killed run resumes there)")
+    save_every: int = arg(100, "save the training state every N optimizer steps (a killed run resumes there; "
+                               "0 = by --save-minutes only)")
+    save_minutes: float = arg(0.0, "also save it once this many minutes passed since the last save (0 = off; "
+                                   "real scale: e.g. 60, with --save-every 0)")
     threads: int = arg(0, "torch CPU threads (0 = all cores)")
     dry_run: bool = arg(False, "print the memory/compute plan for the given models and GPUs, then exit")
     gpus: int = arg(8, "GPUs per node for --dry-run (a launched run uses accelerate's process count)")
@@ -954,12 +957,22 @@ def fingerprints(cfg):
 # of two configs or two versions of a stage's code, and recomputes a stage whose files were damaged.
 # ----------------------------------------------------------------------------------------------
 class Checkpoints:
-    """The training state of one stage: accelerate.save_state every `every` steps into a fresh folder,
-    then latest.json is pointed at it atomically: a kill at any moment leaves the previous state or
-    the new one, never half of one. restore() loads it (model, optimizer, RNG states)."""
+    """The training state of one stage: accelerate.save_state every `every` steps and/or once `minutes`
+    have passed since the last save, into a fresh folder; then latest.json is pointed at it atomically:
+    a kill at any moment leaves the previous state or the new one, never half of one. restore() loads it
+    (model, optimizer, RNG states). At real scale a state is ~366 GB (fp32 weights and AdamW moments of
+    Qwen3-30B-A3B), so the cadence is better set in minutes: it bounds the writes by wall time."""
 
-    def __init__(self, folder, every):
-        self.folder, self.every = folder, every
+    def __init__(self, folder, every, minutes=0.0):
+        self.folder, self.every, self.minutes, self.last = folder, every, minutes, time.monotonic()
+
+    def due(self, acc, step):
+        by_steps = bool(self.every) and step % self.every == 0
+        if not self.minutes:
+            return by_steps
+        from accelerate.utils import broadcast  # the main process's clock decides for every rank:
+        late = time.monotonic() - self.last >= 60 * self.minutes  # save_state is a collective
+        return bool(broadcast(torch.tensor([by_steps or late], device=acc.device)).item())
 
     def restore(self, acc, name):
         latest = os.path.join(self.folder, "latest.json")
@@ -972,8 +985,9 @@ class Checkpoints:
         return step
 
     def save(self, acc, step):
-        if step % self.every:
+        if not self.due(acc, step):
             return
+        self.last = time.monotonic()
         sub = f"step-{step}"
         acc.save_state(os.path.join(self.folder, sub))
         if acc.is_main_process:
@@ -1091,7 +1105,7 @@ class Experiment:
         return self.paths.get(name) or os.path.join(self.cfg.out, name)
 
     def checkpoints(self, out):
-        return Checkpoints(os.path.join(out, "state"), self.cfg.save_every)
+        return Checkpoints(os.path.join(out, "state"), self.cfg.save_every, self.cfg.save_minutes)
 
     def generate_hf(self, model, tok, prompts, **kw):
         return generate(self.acc, load_model(self, model) if isinstance(model, str) else model, tok, prompts, **kw)
@@ -1879,6 +1893,7 @@ def validate(cfg):
     need(cfg.hidden_size % 4 == 0, "--hidden-size must be a multiple of 4 (4 attention heads)")
     need(cfg.precision in ("auto", "fp32", "bf16", "bf16-mixed"), "--precision: choose auto, fp32, bf16 or bf16-mixed")
     need(cfg.gpus > 0 and cfg.nodes > 0 and cfg.gpu_memory_gb > 0, "--gpus, --nodes, --gpu-memory-gb must be > 0")
+    need(cfg.save_every >= 0 and cfg.save_minutes >= 0, "--save-every and --save-minutes must be >= 0")
     need(0 < cfg.chat_eval_fraction < 1, "--chat-eval-fraction must be in (0, 1)")
     need(cfg.grader in ("boxed", "math-verify"), "--grader: choose boxed or math-verify")
     need(cfg.generator in ("hf", "vllm"), "--generator: choose hf or vllm")
@@ -2133,6 +2148,8 @@ def dry_run(cfg):
                                ("reminder SFT", max(step_list(cfg.reminder_steps) or [0]), cfg.reminder_batch)]:
         print(f"{name}: {steps} optimizer steps x {batch} sequences, "
               f"<= {steps * batch * cfg.max_len / 1e6:.2f}M tokens")
+    print(f"training state per save (fp32 weights + AdamW moments): {12 * sizes['student'] / 1e9:.0f} GB "
+          f"(--save-every {cfg.save_every} steps, --save-minutes {cfg.save_minutes:g})")
     fits = need_gb <= 0.95 * gb and gen <= 0.9 * gb
     print(f"fits: {'yes' if fits else 'NO'} (training needs {need_gb:.0f} of {gb:g} GB per GPU, 5% headroom)")
     if not fits:

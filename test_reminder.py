@@ -280,6 +280,31 @@ def test_training_lowers_loss(tok):
     assert (s / n).item() < before - 1.0 and last < before - 1.0
 
 
+def test_training_state_is_saved_by_steps_or_by_minutes(tmp_path, monkeypatch):
+    """--save-every N steps, --save-minutes M (real scale: a state is ~366 GB, so the writes are bounded by
+    wall time), or both; each save replaces the previous one, and 0 turns a cadence off."""
+    from accelerate import Accelerator
+    acc, clock = Accelerator(), [0.0]
+    monkeypatch.setattr(R.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(acc, "save_state", lambda path: os.makedirs(path))
+
+    def saves(every, minutes, seconds_per_step=30):
+        folder, saved = tmp_path / f"{every}-{minutes}", []
+        ck = R.Checkpoints(str(folder), every, minutes)
+        for step in range(1, 13):
+            clock[0] += seconds_per_step
+            ck.save(acc, step)
+            latest = folder / "latest.json"
+            if latest.exists() and json.loads(latest.read_text())["step"] == step:
+                saved.append(step)
+                assert sorted(p.name for p in folder.iterdir()) == ["latest.json", f"step-{step}"]
+        return saved
+    assert saves(5, 0) == [5, 10]
+    assert saves(0, 2) == [4, 8, 12]  # 30 s a step: every 2 minutes
+    assert saves(5, 2) == [4, 5, 9, 10]  # either cadence; the clock restarts at every save
+    assert saves(0, 0) == []
+
+
 class Recorder:
     """A stand-in for tensorboard/wandb: accelerate takes any GeneralTracker in log_with."""
     def __new__(cls):
@@ -527,10 +552,10 @@ def test_every_flag_is_tracked_by_the_run_folder():
     """A flag that changes results must be some stage's setting, or resume could mix configs. The flags
     that change no number are pinned here: moving a flag into that list is a visible, reviewed edit."""
     declared = {f for _, _, settings, _ in R.STAGES.values() for f in settings}
-    assert R.NO_EFFECT_FIELDS == ["out", "seeds", "cache_dir", "recompute", "save_every", "threads", "dry_run", "gpus",
-                                  "nodes", "gpu_memory_gb", "game", "gpu_check", "gpu_check_layers", "bench",
-                                  "bench_steps", "bench_repeats", "trust_remote_code", "activation_checkpointing",
-                                  "report_to"]
+    assert R.NO_EFFECT_FIELDS == ["out", "seeds", "cache_dir", "recompute", "save_every", "save_minutes", "threads",
+                                  "dry_run", "gpus", "nodes", "gpu_memory_gb", "game", "gpu_check", "gpu_check_layers",
+                                  "bench", "bench_steps", "bench_repeats", "trust_remote_code",
+                                  "activation_checkpointing", "report_to"]
     assert [f.name for f in R.dataclasses.fields(R.Settings)] == [f.name for f in R.dataclasses.fields(R.Config)][
         :-len(R.NO_EFFECT_FIELDS)]
     assert {f.name for f in R.dataclasses.fields(R.Config)} == declared | set(R.NO_EFFECT_FIELDS)
@@ -934,6 +959,7 @@ def test_dry_run_reports_qwen3_30b_a3b():
                  "reduce-scatter", "activations", "logits", "CUDA context"]:
         assert term in small, term
     assert "fits: yes" in dry("--gpus", "8", "--gpu-memory-gb", "141")
+    assert "training state per save (fp32 weights + AdamW moments): 366 GB" in small  # 12 bytes x 30.53B
     long = dry("--gpus", "8", "--gpu-memory-gb", "141", "--max-len", "2048")
     act = [float(line.split(": ")[1].split()[0]) for line in long.splitlines() if "activations kept" in line][0]
     ckpt = dry("--gpus", "8", "--gpu-memory-gb", "141", "--max-len", "2048", "--activation-checkpointing")
