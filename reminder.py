@@ -1664,7 +1664,7 @@ def make_accelerator(cfg):
     """Built before any model is loaded. Several GPU processes: FSDP2, sharded by decoder layer."""
     import datetime
     from accelerate import Accelerator
-    from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs, ProjectConfiguration
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
     # At scale the other ranks wait at a barrier while the main process writes a 60 GB checkpoint or
     # vLLM generates; NCCL's default 10-minute collective timeout would kill them.
     kw = {"gradient_accumulation_steps": cfg.grad_accum,
@@ -1675,14 +1675,27 @@ def make_accelerator(cfg):
     if resolved_precision(cfg) == "bf16-mixed" and torch.cuda.is_available():
         kw["mixed_precision"] = "bf16"  # fp32 master weights, bf16 compute
     if cfg.student and torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from transformers import AutoModelForCausalLM
-        with torch.device("meta"):
-            layer_classes = list(AutoModelForCausalLM.from_config(model_config(cfg.student, cfg))._no_split_modules)
-        kw["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=layer_classes,
-            cpu_ram_efficient_loading=True, state_dict_type="SHARDED_STATE_DICT",
-            activation_checkpointing=cfg.activation_checkpointing)
+        kw["fsdp_plugin"] = fsdp_plugin(cfg)
     return Accelerator(**kw)
+
+
+def fsdp_plugin(cfg):
+    """FSDP2 over the GPU processes: sharded by the model's decoder-layer class, sharded state dicts,
+    optional activation checkpointing. Under bf16-mixed, compute is bf16 but gradients are reduced in
+    fp32: accelerate's default policy reduce-scatters in bf16, and the sum over ranks of token-weighted
+    gradients (see train()) would keep 8 bits of mantissa. fp32 doubles the reduce-scatter traffic,
+    which FSDP2 overlaps with the backward pass."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        layer_classes = list(AutoModelForCausalLM.from_config(model_config(cfg.student, cfg))._no_split_modules)
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16)
+              if resolved_precision(cfg) == "bf16-mixed" else None)
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=layer_classes,
+        cpu_ram_efficient_loading=True, state_dict_type="SHARDED_STATE_DICT", mixed_precision_policy=policy,
+        activation_checkpointing=cfg.activation_checkpointing)
 
 
 # ----------------------------------------------------------------------------------------------

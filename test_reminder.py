@@ -305,38 +305,34 @@ def test_training_state_is_saved_by_steps_or_by_minutes(tmp_path, monkeypatch):
     assert saves(0, 0) == []
 
 
-class Recorder:
+def recording_tracker():
     """A stand-in for tensorboard/wandb: accelerate takes any GeneralTracker in log_with."""
-    def __new__(cls):
-        from accelerate.tracking import GeneralTracker
+    from accelerate.tracking import GeneralTracker
 
-        class Rec(GeneralTracker):
-            name, requires_logging_directory, main_process_only = "recorder", False, True
+    class Recorder(GeneralTracker):
+        name, requires_logging_directory, main_process_only = "recorder", False, True
 
-            def __init__(self):
-                super().__init__()
-                self.logs, self.config, self.finished = [], None, False
+        def __init__(self):
+            super().__init__()
+            self.logs, self.config = [], None
 
-            @property
-            def tracker(self):
-                return self
+        @property
+        def tracker(self):
+            return self
 
-            def store_init_configuration(self, values):
-                self.config = values
+        def store_init_configuration(self, values):
+            self.config = values
 
-            def log(self, values, step=None, **kw):
-                self.logs.append((step, values))
-
-            def finish(self):
-                self.finished = True
-        return Rec()
+        def log(self, values, step=None, **kw):
+            self.logs.append((step, values))
+    return Recorder()
 
 
 def test_report_to_logs_training_and_evaluations_through_accelerate(tok, tmp_path, monkeypatch):
     """--report-to: setup() gives the accelerator the trackers and the run's config; every optimizer step
     logs loss, learning rate and tokens/s against a step count that only grows (across stages too);
     every evaluation row is logged under its label."""
-    rec = Recorder()
+    rec = recording_tracker()
     monkeypatch.setattr(R, "trackers", lambda cfg: [rec])
     monkeypatch.setattr(R, "validate_packages_and_sources", lambda cfg: None)  # tensorboard is optional
     x = R.setup(tiny_cfg(report_to="tensorboard", out=str(tmp_path / "run")))
@@ -929,6 +925,21 @@ def test_vllm_generator_plumbing_with_a_stand_in_engine(real_inputs, real_run, t
     hf, vl = metrics(real_run[0]), metrics(out)
     assert hf[0] == vl[0]  # the base model's greedy evaluation is the same through either generator
     assert [s["stage"] for s in vl] == ["base", "backdoored", "pirate_sft", "reminder"]
+
+
+def test_fsdp2_plugin_reduces_gradients_in_fp32(real_inputs):
+    """The plugin a launched real run builds: sharded by the student's decoder-layer class; under
+    bf16-mixed, bf16 compute with fp32 gradient reduction, kept when accelerate applies --mixed_precision
+    bf16 to it (it only fills a policy that is missing); pure bf16 reduces in bf16."""
+    cfg = R.Config(student=str(real_inputs / "student"))
+    plugin = R.fsdp_plugin(cfg)
+    plugin.set_mixed_precision("bf16")  # what AcceleratorState does with the plugin
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["Qwen3MoeDecoderLayer"]
+    pure = R.fsdp_plugin(R.Config(student=str(real_inputs / "student"), precision="bf16"))
+    pure.set_mixed_precision("bf16")
+    assert pure.mixed_precision_policy.reduce_dtype == torch.bfloat16
 
 
 def test_real_prompts_read_hub_layouts(real_inputs):
