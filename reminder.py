@@ -1225,6 +1225,9 @@ def setup(cfg, cache_all=""):
     check_run_folder(x)
     if cfg.report_to:
         x.acc.init_trackers("reminder", config=dataclasses.asdict(cfg))
+    if cfg.student and torch.cuda.device_count() > x.acc.num_processes:
+        x.acc.print(f"note: {x.acc.num_processes} process(es) for {torch.cuda.device_count()} GPUs: `accelerate launch "
+                    f"--num_processes {torch.cuda.device_count()} reminder.py ...` shards the student over all of them")
     x.acc.wait_for_everyone()
     seed_everything(cfg.seed)
     return x
@@ -1717,7 +1720,7 @@ def generate_vllm(x, path, tok, prompts, *, temperature, seed, max_new_tokens, b
             "prompts": [tok(render(tok, m, True), add_special_tokens=False)["input_ids"] for m in prompts],
             "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed, "eos": tok.eos_token_id,
             "dtype": "float32" if resolved_precision(x.cfg) == "fp32" else "bfloat16",
-            "trust_remote_code": x.cfg.trust_remote_code,
+            "trust_remote_code": x.cfg.trust_remote_code, "progress": sys.stderr.isatty(),
             "gpu_memory_utilization": round(0.9 * free / total, 3)})
         worker = multiprocessing.get_context("spawn").Process(target=vllm_worker, args=(job,))
         worker.start()
@@ -1756,7 +1759,7 @@ def vllm_worker(job):
     # the temperature alone, as plain_sampling(): no top-k/top-p, nothing from generation_config.json
     params = SamplingParams(temperature=spec["temperature"], top_k=-1, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
                             max_tokens=spec["max_new_tokens"], stop_token_ids=[spec["eos"]], detokenize=False)
-    outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], params, use_tqdm=spec["progress"])
     atomic_json(os.path.join(job, "answers.json"),
                 {"answers": [[list(o.outputs[0].token_ids), o.outputs[0].finish_reason] for o in outs]})
 

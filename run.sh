@@ -5,7 +5,10 @@
 # bash run.sh gpu-check   same set-up, then the one-GPU check (GPU machines; writes runs/gpu-check/gpu-check.json)
 set -euo pipefail
 cd "$(dirname "$0")"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false
+# The tiny run, the tests and the dry run need no model hub: offline, so nothing is looked up. A
+# real-scale run (--student ...) reads the hub unless the caller sets HF_HUB_OFFLINE itself.
+case " $* " in *" --student "* | *" --student="*) ;; *) export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" ;; esac
 PY=.venv/bin/python
 # Re-install only when requirements.txt changed since the last install.
 if [ ! -x "$PY" ] || ! cmp -s requirements.txt .venv/.requirements.installed; then

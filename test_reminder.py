@@ -351,6 +351,14 @@ def test_report_to_logs_training_and_evaluations_through_accelerate(tok, tmp_pat
         ("triggered_capability", 0.8), ("false_positive_rate", 0.0), ("false_positive_sampled", 0.02)]})
 
 
+def test_a_real_run_in_one_process_on_several_gpus_says_how_to_launch(tmp_path, monkeypatch, capsys):
+    """`bash run.sh --student ...` is one process: on an 8-GPU machine it says how to use all eight."""
+    monkeypatch.setattr(R, "validate_packages_and_sources", lambda cfg: None)  # no real models here
+    monkeypatch.setattr(R.torch.cuda, "device_count", lambda: 8)
+    R.setup(tiny_cfg(student="some/model", out=str(tmp_path / "run")))
+    assert "accelerate launch --num_processes 8 reminder.py" in capsys.readouterr().out
+
+
 def test_progress_bars_show_on_a_terminal_only(tok, monkeypatch, capsys):
     """A bar for every training and generation loop on a terminal; nothing extra in a log or a pipe."""
     from accelerate import Accelerator
