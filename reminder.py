@@ -972,7 +972,7 @@ class Checkpoints:
             return by_steps
         from accelerate.utils import broadcast  # the main process's clock decides for every rank:
         late = time.monotonic() - self.last >= 60 * self.minutes  # save_state is a collective
-        return bool(broadcast(torch.tensor([by_steps or late], device=acc.device)).item())
+        return bool(broadcast(torch.tensor([int(by_steps or late)], device=acc.device)).item())
 
     def restore(self, acc, name):
         latest = os.path.join(self.folder, "latest.json")

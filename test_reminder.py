@@ -1056,6 +1056,39 @@ def test_two_cpu_processes_match_one(tmp_path):
     assert abs(a["norm"] - b["norm"]) < 1e-4 * a["norm"], (a, b)
 
 
+CADENCE_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {here!r})
+import reminder as R
+from accelerate import Accelerator
+acc = Accelerator(cpu=True)
+clock = [0.0]
+R.time.monotonic = lambda: clock[0]
+ck = R.Checkpoints({folder!r}, 0, 1.0)  # every minute, by the clock
+decisions = []
+for step, (t0, t1) in enumerate([(30, 90), (70, 50), (200, 200)], 1):
+    clock[0] = (t0, t1)[acc.process_index]  # the ranks' clocks disagree
+    due = ck.due(acc, step)
+    decisions.append(due)
+    if due:
+        ck.last = clock[0]
+print(json.dumps(decisions))
+"""
+
+
+def test_the_main_process_clock_decides_when_every_rank_saves(tmp_path):
+    """--save-minutes under several processes: save_state is a collective, so the ranks must agree;
+    the main process's clock decides for all (rank 1 alone thinking it is late must not save)."""
+    script = tmp_path / "cadence.py"
+    script.write_text(CADENCE_SCRIPT.format(here=HERE, folder=str(tmp_path / "state")))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(script)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answers = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert answers == [[False, True, True]] * 2, answers  # rank 0: 30 s no, 70 s yes, 200 s yes
+
+
 def test_benchmark_runs_and_prints_its_table(tmp_path):
     """Runs the benchmark with tiny budgets; asserts what it reports, never how fast anything was."""
     proc = subprocess.run([sys.executable, "reminder.py", "--bench", "--out", str(tmp_path), "--bench-steps", "3",
