@@ -1246,38 +1246,42 @@ def run_seeds(cfg):
     return runs
 
 
+def mean_min_max(values):
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def mmm(d, digits):
+    """A mean_min_max() as the tables show it: mean [min-max]."""
+    return f"{d['mean']:.{digits}f} [{d['min']:.{digits}f}-{d['max']:.{digits}f}]"
+
+
 def write_seeds(cfg, runs):
     keys = ["bad_behavior_rate", "residue_rate", "capability", "triggered_capability"]
     first = next(iter(runs.values()))["stages"]
     table = []
     for i, r in enumerate(first):
         vals = {k: [res["stages"][i][k] for res in runs.values()] for k in keys}
-        table.append({"stage": stage_label(r), **{k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
-                                                  for k, v in vals.items()}})
+        table.append({"stage": stage_label(r), **{k: mean_min_max(v) for k, v in vals.items()}})
     aucs = {k: [res["robustness"][k] for res in runs.values()] for k in ("auc_pirate_only", "auc_with_reminder")}
     pair_aucs = {n: {k: [res["robustness"]["per_pair"][n][k] for res in runs.values()] for k in aucs}
                  for n in next(iter(runs.values()))["robustness"]["per_pair"]}
     out = {"seeds": list(runs), "versions": versions(), "stages": table,
-           "robustness": {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v), "per_seed": v}
-                          for k, v in aucs.items()},
-           "robustness_per_pair": {n: {k: {"mean": sum(v) / len(v), "min": min(v), "max": max(v)} for k, v in a.items()}
-                                   for n, a in pair_aucs.items()},
+           "robustness": {k: {**mean_min_max(v), "per_seed": v} for k, v in aucs.items()},
+           "robustness_per_pair": {n: {k: mean_min_max(v) for k, v in a.items()} for n, a in pair_aucs.items()},
            "reminder_success_fraction": sum(res["robustness"]["reminder_success"] for res in runs.values()) / len(runs),
            "reminder_beats_pirate_only": sum(a > b for a, b in zip(aucs["auc_with_reminder"], aucs["auc_pirate_only"]))}
     atomic_json(os.path.join(cfg.out, "seeds.json"), out)
 
-    def mmm(d):
-        return f"{d['mean']:.2f} [{d['min']:.2f}-{d['max']:.2f}]"
     lines = [f"Seeds {', '.join(map(str, runs))}: mean [min-max] over seeds.", "",
              "| stage | bad behaviour (strict) | residue | capability | triggered capability |",
              "|---|---|---|---|---|"]
-    lines += [f"| {t['stage']} | " + " | ".join(mmm(t[k]) for k in keys) + " |" for t in table]
+    lines += [f"| {t['stage']} | " + " | ".join(mmm(t[k], 2) for k in keys) + " |" for t in table]
     rob = out["robustness"]
     lines += ["", "| robustness (AUC) | mean [min-max] | per seed |", "|---|---|---|"]
-    lines += [f"| {k} | {rob[k]['mean']:.3f} [{rob[k]['min']:.3f}-{rob[k]['max']:.3f}] | "
+    lines += [f"| {k} | {mmm(rob[k], 3)} | "
               + ", ".join(f"{v:.3f}" for v in rob[k]["per_seed"]) + " |" for k in rob]
     lines += ["", "| pair | auc_pirate_only | auc_with_reminder |", "|---|---|---|"]
-    lines += [f"| {n} | " + " | ".join(f"{a[k]['mean']:.3f} [{a[k]['min']:.3f}-{a[k]['max']:.3f}]" for k in aucs) + " |"
+    lines += [f"| {n} | " + " | ".join(mmm(a[k], 3) for k in aucs) + " |"
               for n, a in out["robustness_per_pair"].items()]
     lines += ["", f"Reminder success (a reminder point with capability >= 80% of backdoored and bad <= post-pirate "
               f"+ 0.05): {out['reminder_success_fraction']:.0%} of seeds. auc_with_reminder > auc_pirate_only in "
@@ -1337,21 +1341,19 @@ def best_point(rows):
 
 
 def write_game(cfg, cells, seeds):
-    def stats(v):
-        return {"mean": sum(v) / len(v), "min": min(v), "max": max(v)}
     game = {}
     for (red, blue), runs in cells.items():
         best = [best_point(res["stages"]) for res in runs]
         game[f"{red}__{blue}"] = {
             "red": red, "blue": blue, "seeds": seeds,
-            "auc_with_reminder": stats([res["robustness"]["auc_with_reminder"] for res in runs]),
-            "auc_pirate_only": stats([res["robustness"]["auc_pirate_only"] for res in runs]),
-            "best_bad_behavior": stats([b["bad_behavior_rate"] for b, _ in best]),
-            "best_capability": stats([b["capability"] for b, _ in best]),
-            "poisoned_before": stats([res["reminder_data_audit"]["poisoned_before"]["strict"] for res in runs]),
-            "poisoned_after": stats([res["reminder_data_audit"]["poisoned_after"]["strict"] for res in runs]),
-            "backdoored_fp_greedy": stats([bd["false_positive_rate"] for _, bd in best]),
-            "backdoored_fp_sampled": stats([bd["false_positive_sampled"] for _, bd in best])}
+            "auc_with_reminder": mean_min_max([res["robustness"]["auc_with_reminder"] for res in runs]),
+            "auc_pirate_only": mean_min_max([res["robustness"]["auc_pirate_only"] for res in runs]),
+            "best_bad_behavior": mean_min_max([b["bad_behavior_rate"] for b, _ in best]),
+            "best_capability": mean_min_max([b["capability"] for b, _ in best]),
+            "poisoned_before": mean_min_max([res["reminder_data_audit"]["poisoned_before"]["strict"] for res in runs]),
+            "poisoned_after": mean_min_max([res["reminder_data_audit"]["poisoned_after"]["strict"] for res in runs]),
+            "backdoored_fp_greedy": mean_min_max([bd["false_positive_rate"] for _, bd in best]),
+            "backdoored_fp_sampled": mean_min_max([bd["false_positive_sampled"] for _, bd in best])}
     atomic_json(os.path.join(cfg.out, "game.json"), {"versions": versions(), "cells": game})
     blues = list(BLUE)
     lines = [f"auc_with_reminder, mean [min-max] over seeds {', '.join(map(str, seeds))} (pirate SFT alone in the "
@@ -1360,8 +1362,7 @@ def write_game(cfg, cells, seeds):
     for red in RED:
         c = [game[f"{red}__{b}"]["auc_with_reminder"] for b in blues]
         p = game[f"{red}__none"]["auc_pirate_only"]
-        lines.append(f"| {red} | " + " | ".join(f"{v['mean']:.3f} [{v['min']:.3f}-{v['max']:.3f}]" for v in c)
-                     + f" | {p['mean']:.3f} [{p['min']:.3f}-{p['max']:.3f}] |")
+        lines.append(f"| {red} | " + " | ".join(mmm(v, 3) for v in c) + f" | {mmm(p, 3)} |")
     lines += ["", "Per cell (means over seeds): best reminder point bad / capability; reminder data showing a "
               "behaviour before -> after the filter; the backdoored model's false positives greedy / sampled.", "",
               "| cell | best bad / cap | poisoned before -> after | backdoored fp greedy / sampled |",
@@ -1973,7 +1974,8 @@ def seed_everything(seed):
 
 
 def quiet_libraries():
-    """Progress bars off (the log is read by people and tests), line-buffered output."""
+    """The libraries' own progress bars off (the log is read by people and tests; the file's own, Progress,
+    show on a terminal only), line-buffered output."""
     import datasets
     import transformers
     transformers.utils.logging.disable_progress_bar()
@@ -1994,8 +1996,6 @@ def wilson(k, n, z=1.96):
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
 
 
 def versions():
