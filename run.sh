@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bash run.sh [ARGS...]   set up .venv if needed, run the tiny experiment (ARGS go to reminder.py)
 # bash run.sh test        same set-up, then the test suite
-# bash run.sh bench       same set-up, then the speed benchmark
+# bash run.sh bench       same set-up, then the speed benchmark (test_reminder.py, beside the tests)
 # bash run.sh gpu-check   same set-up, then the one-GPU check (GPU machines; writes runs/gpu-check/gpu-check.json)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,7 +19,7 @@ if [ ! -x "$PY" ] || ! cmp -s requirements.txt .venv/.requirements.installed; th
 fi
 case "${1:-}" in
   test) shift; exec "$PY" -m pytest -q test_reminder.py "$@" ;;
-  bench) shift; exec "$PY" reminder.py --bench "$@" ;;
+  bench) shift; exec "$PY" test_reminder.py --bench "$@" ;;
   gpu-check) shift; exec "$PY" reminder.py --gpu-check --out runs/gpu-check "$@" ;;
   *) exec "$PY" reminder.py "$@" ;;
 esac

