@@ -937,10 +937,9 @@ def run(cfg, store=None, checked=False):
 
 
 # ==============================================================================================
-# Variations. Each red reply, blue answer and study is one function or one declaration, registered
-# by name: a stage asks for "the red team's reply" (RED[cfg.red]) or "the blue team's answer"
-# (REMINDER_FILTERS[cfg.reminder_filter]), and a fork adds one by writing one function; the flag's
-# choices, its validation and the studies follow from the registry.
+# Variations. Each red reply, blue answer and study is one function or declaration, registered by name:
+# a stage asks for "the red team's reply" (RED[cfg.red]) or "the blue answer" (REMINDER_FILTERS[...]);
+# a fork adds one by writing one function, and the flag's choices and validation follow.
 # ==============================================================================================
 def register(registry):
     """@register(REGISTRY) above a function makes it a choice of that flag, under its name (_ as -)."""
@@ -1074,13 +1073,11 @@ def poisoned(x, rows):
             "residue": sum(any(residue_hit(p, row["reply"]) for p in pairs) for row in rows) / max(1, len(rows))}
 
 
-# ---- studies: a question asked over a grid of settings x seeds. Each cell (a row's and a column's
-# Settings overrides) runs the whole experiment once per seed; cells share every stage they have in
-# common. `show` says what each cell reports, a number from its results.json, summarised as
-# mean [min-max] over seeds; the first is the grid's (its table and heatmap). One cell and no `show`:
-# the experiment itself over seeds, every stage's row (seeds.md). `workers` > 1: that many single-thread
-# processes play its units side by side where that is safe (one thread keeps ~75% of two threads' speed
-# here); the thread count is part of every fingerprint. Played by `--study NAME`.
+# ---- studies: a question over a grid of settings x seeds. Each cell (a row's and a column's Settings
+# overrides) runs the whole experiment per seed, sharing every stage it has in common with others. `show`:
+# what a cell reports (a number from its results.json), as mean [min-max] over seeds; the first fills the
+# grid. One cell and no `show`: every stage over seeds (seeds.md). `workers` > 1: single-thread processes
+# play its units side by side where safe (the thread count is in every fingerprint). `--study NAME`.
 @dataclass
 class Study:
     name: str
@@ -1122,9 +1119,8 @@ STUDIES = {s.name: s for s in [
 
 
 # ==============================================================================================
-# Everything below is machinery, not needed to follow the method: the run folder (fingerprints,
-# resume, cache, lock), the study runner, real-scale loading and FSDP, vLLM, validation, outputs,
-# the dry run, the one-GPU check.
+# Everything below is machinery, not needed to follow the method: run folder (fingerprints, resume, cache,
+# lock), study runner, real-scale loading and FSDP, vLLM, validation, outputs, dry run, one-GPU check.
 # ==============================================================================================
 
 
@@ -1133,46 +1129,36 @@ class Config(Settings):
     """The command line: the Settings above, then where and how the run happens (never a number)."""
     # --- where and how it runs ---
     out: str = arg("runs/tiny", "run folder: results.json, results.md, plot, samples, checkpoints")
-    study: str = arg("", "play a study (declared in STUDIES) into --out: every cell once per seed, then "
-                         "<study>.json, <study>.md and <study>.png")
+    study: str = arg("", "play a study (STUDIES) into --out: each cell once per seed, then <study>.json/.md/.png")
     seeds: str = arg("", "the seeds of a study (e.g. 0,1,2,3,4; default: the study's own); alone: the study 'seeds', "
                          "the experiment once per seed into --out/seed-N, then seeds.json, seeds.md, seeds.png")
     game: bool = arg(False, "the study 'game': every red reply against every blue answer (seeds 0,1,2 unless --seeds)")
     cache_dir: str = arg("runs/cache", "where pretrained tiny models are kept between runs ('' = never cache)")
     recompute: bool = arg(False, "redo stages whose settings or code changed in an existing --out (else: refuse)")
-    save_every: int = arg(100, "save the training state every N optimizer steps (a killed run resumes there; "
-                               "0 = by --save-minutes only)")
-    save_minutes: float = arg(0.0, "also save it once this many minutes passed since the last save (0 = off; "
-                                   "real scale: e.g. 60, with --save-every 0)")
-    threads: int = arg(0, "torch CPU threads (0 = all cores). On a CPU the count a stage ran with is part of its "
-                          "fingerprint: another count sums floats in another order")
+    save_every: int = arg(100, "save the training state every N steps (a killed run resumes there; 0 = off)")
+    save_minutes: float = arg(0.0, "also save it every this many minutes (0 = off; real scale: e.g. 60)")
+    threads: int = arg(0, "torch CPU threads (0 = all cores); on a CPU part of every stage's fingerprint")
     dry_run: bool = arg(False, "print the memory/compute plan for the given models and GPUs, then exit")
     gpus: int = arg(8, "GPUs per node for --dry-run (a launched run uses accelerate's process count)")
     nodes: int = arg(1, "nodes for --dry-run")
     gpu_memory_gb: float = arg(80.0, "memory of one GPU in GB for --dry-run")
-    gpu_check: bool = arg(False, "one-GPU check: a Qwen3-30B-A3B-shaped student with fewer layers (random weights) "
-                                 "trains and generates under bf16-mixed; writes --out/gpu-check.json")
-    gpu_check_layers: int = arg(4, "--gpu-check: decoder layers of the Qwen3-30B-A3B-shaped student (48 in the "
-                                   "real one)")
+    gpu_check: bool = arg(False, "one-GPU check of a Qwen3-30B-A3B-shaped student: --out/gpu-check.json")
+    gpu_check_layers: int = arg(4, "--gpu-check: decoder layers of that student (48 in the real one)")
     gpu_check_steps: int = arg(10, "--gpu-check: optimizer steps timed")
     trust_remote_code: bool = arg(False, "allow model code from the hub (off: only classes in transformers)")
     activation_checkpointing: bool = arg(False, "recompute activations in the backward pass (real scale)")
     report_to: str = arg("", "log loss, learning rate, tokens/s and every evaluation to accelerate's trackers")
 
 
-# Config's own fields never enter a fingerprint. The list is pinned in a test: a setting that changes a
-# number, put into Config by mistake, would make a re-run reuse stages computed with another value.
-# (--threads is the one exception, handled in fingerprints(): its resolved count enters every stage's.)
+# Config's own fields never enter a fingerprint (pinned in a test: a setting put here by mistake would let
+# a re-run reuse stages computed with another value); --threads enters as its resolved count.
 NO_EFFECT_FIELDS = [f.name for f in dataclasses.fields(Config)][len(dataclasses.fields(Settings)):]
 
 
 # ----------------------------------------------------------------------------------------------
-# Fingerprints. A stage's fingerprint hashes its settings, the source of the code it runs and its
-# parents' fingerprints. "The code it runs" is found, not listed: every function, class and constant
-# of this file that the stage's code names, and that they name in turn (another stage's code is
-# covered by that stage's own fingerprint); x.NAME is the experiment object's NAME, and a registry
-# (RED, REMINDER_FILTERS, GENERATORS, ...) brings every function in it, so whichever generator or
-# filter a run picks is covered, vLLM's sampling parameters included.
+# Fingerprints: a stage's settings, its parents' fingerprints and the source of the code it runs, found
+# by following names (x.NAME is the experiment object's; a registry brings every function in it, so the
+# chosen generator, vLLM's sampling parameters included, is covered). Another stage's code is its own.
 UNUSED_WHEN = {"filter_fraction": "reminder_filter", "leak_rate": "red"}  # setting: the choice that reads it
 
 
@@ -1234,8 +1220,7 @@ def setting_reads(fn):
 
 @functools.cache
 def stage_code(fn):
-    """A hash of a stage's code, taken once per process: inspect reads sources from the file, and a file
-    edited during a multi-seed run must not change a running study's keys."""
+    """A stage's code hash, once per process: a file edited during a study must not change its keys."""
     return hashlib.sha256(json.dumps([inspect.getsource(fn), code_deps(fn)], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -1247,10 +1232,8 @@ def cpu_threads(cfg):
 
 
 def fingerprints(cfg):
-    """{stage: fingerprint}, {stage: its settings' values}, {stage: hash of its code}. Stops if a stage
-    reads a setting that neither it nor a stage it builds on declares (a fork's likeliest slip). A
-    setting the chosen red reply or blue answer never reads is left out (UNUSED_WHEN), and on a CPU
-    the thread count is in every stage's settings: a stage is never reused from another trajectory."""
+    """{stage: fingerprint}, {stage: settings' values}, {stage: code hash}. Stops if a stage reads a setting
+    that neither it nor a stage it builds on declares (a fork's likeliest slip)."""
     fps, fields, codes, declared = {}, {}, {}, {}
     threads = cpu_threads(cfg)
     for name, (fn, parents, settings, _) in STAGES.items():
@@ -1270,11 +1253,9 @@ def fingerprints(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# The run folder. Every stage writes its outputs into <folder>.tmp, then renames it to <folder> with
-# a done.json that records its fingerprint and a checksum of every file; the folder is --out/<stage>,
-# or in a study the store's <stage>-<fingerprint>. A re-run skips finished stages, resumes an
-# unfinished one from its last saved step, refuses to mix artifacts of two configs or two versions of
-# a stage's code, and recomputes a stage whose files were damaged. One process owns a run folder.
+# The run folder. A stage writes <folder>.tmp, then renames it to <folder> (--out/<stage>, in a study the
+# store's <stage>-<fingerprint>) with a done.json of its fingerprint and file checksums. A re-run skips
+# finished stages, resumes an unfinished one, refuses other configs or code, redoes damaged ones.
 class Checkpoints:
     """The training state of one stage: accelerate.save_state every `every` steps and/or once `minutes`
     have passed since the last save, into a fresh folder; then latest.json is pointed at it atomically:
@@ -1404,9 +1385,8 @@ def file_hashes(path):
 
 
 def hold(path, wait=False):
-    """An exclusive lock on the file `path`, returned open: closing it, or the process ending in any way
-    (SIGKILL included), releases it, so a killed run never leaves a stale lock. Without wait, a lock
-    that another process holds stops this one with one line naming it."""
+    """An exclusive flock on `path`, returned open: closing it or the process ending (SIGKILL too) releases
+    it. Without wait, a lock another process holds stops this one with one line naming it."""
     import fcntl
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     f = open(path, "a+")
@@ -1425,10 +1405,8 @@ def hold(path, wait=False):
 
 
 class Experiment:
-    """What every stage gets as `x`: the settings, the accelerator, the tokenizer, the real data (or
-    None), each stage's random stream; and what runs the stages: do(stage) computes a stage once
-    into its folder (or loads it), with its parents' folders as arguments. In a study the folders are
-    the study's shared store (`store`), one per fingerprint; otherwise --out/<stage>."""
+    """What every stage gets as `x` (settings, accelerator, tokenizer, real data, random streams), and what
+    runs the stages: do(stage) computes one once into its folder (or loads it)."""
 
     def __init__(self, cfg, acc, store=None):
         self.cfg, self.acc, self.store, self.data, self.lock, self._tok = cfg, acc, store, None, None, None
@@ -1480,8 +1458,7 @@ class Experiment:
         return True
 
     def do(self, fn):
-        """Load a finished stage, or compute it. In a study's store two worker processes may need the same
-        stage at once: the second waits for the first's lock, then loads what it made."""
+        """Load or compute a stage; in a study's store a second worker waits for the first's lock."""
         path = self.folder(fn.__name__)
         with hold(path + ".lock", wait=True) if self.store and self.main else contextlib.nullcontext():
             return self.compute(fn, path)
@@ -1513,9 +1490,8 @@ class Experiment:
         t0 = time.perf_counter()
         result = fn(self, tmp, *(self.folder(p) for p in parents))
         log_evaluations(self.acc, result)
-        # the stage's models and optimizers are unreachable now, but for the accelerator's references:
-        # drop those, collect, and give the (GPU) memory back before the next stage (on a CPU, once per
-        # stage rather than in train(): a collection costs a tenth of a second, 5% of a 30-step run)
+        # drop the accelerator's references to the stage's models and optimizers, collect, free memory (on
+        # a CPU once per stage, not in train(): a collection costs 0.3 s, 5% of a 30-step run)
         self.acc.free_memory()
         if self.main:
             shutil.rmtree(os.path.join(tmp, "state"), ignore_errors=True)
@@ -1546,10 +1522,8 @@ class Experiment:
 
 
 def check_run_folder(cfg, store, fps, fields, codes, record=False):
-    """Before any heavy work: a finished stage made with other settings or other code stops the run
-    (or, with --recompute, is removed so that it and everything built on it is redone). In a study,
-    stages live in the store under their fingerprints and the cell's cell.json records which ones it
-    used: a cell whose settings or code changed is refused the same way (record: write it anew)."""
+    """Before any heavy work: a stage made with other settings or code stops the run (--recompute: it is
+    redone with all built on it). In a study the cell's cell.json records its stages' fingerprints."""
     cell, changed = os.path.join(cfg.out, "cell.json"), []
     if store:
         old = read_json(cell) if os.path.exists(cell) else {}
@@ -1575,12 +1549,10 @@ def check_run_folder(cfg, store, fps, fields, codes, record=False):
 
 
 def setup(cfg, store=None, checked=False):
-    """Everything before the first stage: flags checked (unless the command did, once), accelerator built,
-    the run folder taken by this process and checked, seeds set. store: a study's shared stage folder."""
+    """Flags checked (unless the command did), run folder taken and checked, accelerator built, seeds set."""
     if not checked:
         validate(cfg)  # first: a bad flag costs a second, before the heavy imports
-    # one process owns a run folder: a second run into it stops here (RANK: the accelerator, which
-    # sets up the process group, does not exist yet)
+    # one process owns a run folder (RANK: the accelerator, which sets up the process group, comes later)
     lock = hold(os.path.join(cfg.out, ".lock")) if int(os.environ.get("RANK", "0")) == 0 else None
     quiet_libraries()
     set_threads(cfg)
@@ -1611,8 +1583,7 @@ def experiment(cfg, store=None, checked=False):
 # ----------------------------------------------------------------------------------------------
 # The study runner: plays any Study declared above the marker.
 def study_cells(cfg, study, threads):
-    """{(seed, row, col): the cell's Config}: the study's overrides on the command's settings, a seed, and
-    the cell's own run folder --out/seed-N[/row__col]."""
+    """{(seed, row, col): the command's settings with the cell's overrides, seed and run folder}."""
     import itertools
     return {(seed, row, col): dataclasses.replace(
         cfg, **{**study.rows[row], **study.cols[col]}, seed=seed, threads=threads,
@@ -1625,11 +1596,8 @@ def cell_label(row, col):
 
 
 def run_study(cfg, study):
-    """Every (seed, cell) is a run of the experiment in its own folder; stages live once in --out/stages,
-    named by fingerprint, and cells use them by path (a real-scale study copies no model). Every cell
-    is checked against what its folder recorded before any work; a killed study continues cell by
-    cell. Units (a seed and a row, its cells in turn) are played by the study's single-thread workers
-    where that is safe (CPU only, all cores free, never under a launcher: one process per machine)."""
+    """Each (seed, cell) runs in its own folder; stages live once in --out/stages, used by path. Units (seed
+    and row) go to single-thread workers where safe: CPU only, all cores free, never under a launcher."""
     import multiprocessing
     safe = (cfg.threads == 0 and not cfg.student and not torch.cuda.is_available()
             and int(os.environ.get("WORLD_SIZE", "1")) == 1)
@@ -1662,8 +1630,7 @@ def play_unit(cells, store):
 
 
 def prebuild(cells, store):
-    """The stages every cell shares (the base models), built in this process before the workers start,
-    so that neither worker waits the whole base for the other."""
+    """The stages every cell shares, built before the workers start (neither then waits for the other)."""
     fps = [fingerprints(c)[0] for c in cells]
     with experiment(cells[0], store, checked=True) as x:
         for name, (fn, *_) in STAGES.items():
@@ -1672,9 +1639,8 @@ def prebuild(cells, store):
 
 
 def write_study(cfg, study, results):
-    """<study>.json, .md, .png. One cell: the experiment over seeds, every stage's row (write_seeds). A
-    grid: the first `show` value per cell, mean [min-max] over seeds, as a table and a heatmap, then a
-    table of every `show` value's mean per cell; a one-column grid (a sweep) adds each row's curves."""
+    """<study>.json/.md/.png. One cell: every stage over seeds (write_seeds). A grid: the first `show` value
+    as a table and heatmap, every `show` value per cell; a one-column grid (a sweep) adds row curves."""
     seeds = sorted({s for s, _, _ in results})
     if not study.show:
         return write_seeds(cfg, study.name, {s: res for (s, _, _), res in results.items()})
@@ -1777,8 +1743,7 @@ def mmm(d, digits):
 
 
 # ----------------------------------------------------------------------------------------------
-# Models, tokenizers and data on disk; real-scale loading. Only where prompts and models come from
-# changes at real scale; training, generation and evaluation are the code above.
+# Models, tokenizers and data on disk; real-scale loading (only where prompts and models come from changes).
 REAL_CONFIGS = {  # written here so that --dry-run works offline
     "Qwen/Qwen3-30B-A3B": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
                                moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
@@ -1868,9 +1833,8 @@ def model_config(name, trust_remote_code):
 
 
 def check_model_source(flag, name, cfg):
-    """A local folder must hold a model; a hub id must really be reachable (or cached), config and
-    tokenizer both - checked before any work, so a gated or offline model fails in seconds, not hours
-    later at the first stage that loads it. (Only --dry-run falls back to the configs written above.)"""
+    """A local folder must hold a model; a hub id must be reachable (or cached), config and tokenizer: a
+    gated or offline model fails in seconds, not at the first stage that loads it."""
     if os.path.isdir(name):
         if not os.path.exists(os.path.join(name, "config.json")):
             sys.exit(f"error: --{flag} {name}: not a model folder (no config.json)")
@@ -1915,9 +1879,8 @@ def real_prompts(cfg):
 
 @functools.cache  # validation and the run read the same files: once per process
 def read_real_data(chat_dataset, math_dataset, chat_eval_fraction, eval_math):
-    """Chat prompts (Alpaca layout: instruction, input) and integer-answer math problems (MATH-500
-    layout: problem, answer). Held out: the last chat_eval_fraction of the chat prompts and the
-    first eval_math math problems (the research used the first 200 integer-answer problems)."""
+    """Chat prompts (Alpaca's instruction, input) and integer-answer problems (MATH-500's problem, answer);
+    held out: the last chat_eval_fraction of the prompts, the first eval_math problems (as the research)."""
     chat = load_table(chat_dataset, "chat-dataset", ["instruction"])
     prompts = list(dict.fromkeys(
         (r["instruction"] + ("\n\n" + r["input"] if r.get("input") else "")).strip() for r in chat))
@@ -1958,11 +1921,9 @@ def make_accelerator(cfg):
 
 
 def fsdp_plugin(cfg):
-    """FSDP2 over the GPU processes: sharded by the model's decoder-layer class, sharded state dicts,
-    optional activation checkpointing. Under bf16-mixed, compute is bf16 but gradients are reduced in
-    fp32: accelerate's default policy reduce-scatters in bf16, and the sum over ranks of token-weighted
-    gradients (see train()) would keep 8 bits of mantissa. fp32 doubles the reduce-scatter traffic,
-    which FSDP2 overlaps with the backward pass."""
+    """FSDP2 sharded by decoder layer. Under bf16-mixed gradients are reduced in fp32: accelerate's default
+    reduce-scatters in bf16, and the sum over ranks of token-weighted gradients would keep 8 bits of
+    mantissa; fp32 doubles that traffic, which FSDP2 overlaps with the backward pass."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from transformers import AutoModelForCausalLM
@@ -1978,10 +1939,9 @@ def fsdp_plugin(cfg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Optional vLLM generation (--generator vllm): the same prompts and the same return value as
-# generate(). vLLM runs in a fresh process that only the main process starts, tensor-parallel over
-# this node's GPUs: its own distributed setup then never meets accelerate's, and all its GPU memory
-# is freed when it exits. It reads weights from a saved folder (or hub id); the other ranks wait.
+# Optional vLLM generation: generate()'s prompts and answers, in a fresh process the main process starts,
+# tensor-parallel over this node's GPUs (its distributed setup never meets accelerate's, and its memory
+# is freed when it exits), reading a saved folder or hub id; the other ranks wait.
 def generate_vllm(x, path, tok, prompts, *, temperature, seed, max_new_tokens, batch_size):
     """optional (`pip install vllm`): vLLM in a separate process over this node's GPUs, from saved folders"""
     import multiprocessing
@@ -2044,8 +2004,8 @@ GENERATORS = {"hf": generate_hf, "vllm": generate_vllm}  # --generator
 
 
 # ----------------------------------------------------------------------------------------------
-# The command line, checked before any work: a mistake costs a second, not an hour. Each choice is
-# declared once, in its registry: it gives the help text, argparse's choices and validate()'s check.
+# The command line, checked before any work. Each choice is declared once, in its registry: it gives the
+# help text, argparse's choices and validate()'s check.
 CHOICES = {"red": RED, "reminder_filter": REMINDER_FILTERS, "grader": GRADERS, "generator": GENERATORS,
            "precision": {"auto": "fp32 for the tiny world, bf16-mixed for real models", "fp32": "fp32 throughout",
                          "bf16": "bf16 weights, compute and optimizer state",
@@ -2184,8 +2144,7 @@ def seed_everything(seed):
 
 
 def quiet_libraries():
-    """The libraries' own progress bars off (the log is read by people and tests; the file's own, Progress,
-    show on a terminal only), line-buffered output."""
+    """The libraries' own progress bars off (Progress shows the file's, on a terminal), line-buffered output."""
     import datasets
     import transformers
     transformers.utils.logging.disable_progress_bar()
@@ -2253,8 +2212,7 @@ def results_markdown(results):
 
 
 def plot(runs, path, title):
-    """Left: bad behaviour and capability against blue-team training steps (pirate SFT, then reminder),
-    mean over runs with the min-max band. Right: the trade-off plane with each method's hull."""
+    """Left: the rates against blue-team steps (mean over runs, min-max band). Right: each method's hull."""
     plt = pyplot()
     if plt is None:
         return
@@ -2335,8 +2293,8 @@ def active_params(model):
 
 
 def memory_plan(cfg, conf, n_params, n_gpu, precision):
-    """GB per GPU while the student trains under FSDP2 full shard, term by term, for this run's own
-    --max-len, batch sizes and --grad-accum. Estimates, not measurements (no GPU has run this file)."""
+    """GB per GPU, term by term, while the student trains under FSDP2 full shard with this run's lengths,
+    batches and --grad-accum: estimates (no GPU has run this file)."""
     shard = n_params / n_gpu
     master, grad, adam = {"fp32": (4, 4, 8), "bf16-mixed": (4, 4, 8), "bf16": (2, 2, 4)}[precision]
     micro = max(1, max(cfg.backdoor_batch, cfg.pirate_batch, cfg.reminder_batch) // cfg.grad_accum // n_gpu)
@@ -2409,15 +2367,12 @@ def suggest_fit(cfg, n_params, precision, gb):
 
 
 # ----------------------------------------------------------------------------------------------
-# The one-GPU check (`bash run.sh gpu-check`). The speed benchmark against transformers.Trainer and a
-# bare PyTorch loop lives beside the tests (test_reminder.py, `bash run.sh bench`); both measure on
-# speed_data() and report mfu().
+# The one-GPU check (`bash run.sh gpu-check`); the benchmark lives beside the tests, on the same
+# speed_data() and mfu().
 def gpu_check(cfg, shape=None, require_cuda=True):
-    """No download, minutes on one 80-141 GB GPU: a student of Qwen3-30B-A3B's shape with --gpu-check-layers
-    layers and random weights runs the file's own train(), generate() (and vLLM when installed),
-    save_model() and load_model() under bf16-mixed. Measured: training tokens/s and MFU against a measured
-    bf16 matmul peak, generation tokens/s, peak memory beside memory_plan()'s terms that one process holds
-    (on a CPU: the peak resident memory). `shape` shrinks the model (the CPU test)."""
+    """A random student of Qwen3-30B-A3B's shape, --gpu-check-layers layers, through train(), generate()
+    (vLLM when installed), save/load under bf16-mixed: tokens/s, MFU, peak memory against memory_plan()
+    (on a CPU, the peak resident memory). `shape` shrinks the model (the CPU test)."""
     import importlib.util
     import psutil
     from accelerate import Accelerator
@@ -2487,24 +2442,21 @@ def gpu_check(cfg, shape=None, require_cuda=True):
 
 
 def speed_data(cfg, r, n=256):
-    """What the benchmark and the GPU check train and generate on: the tiny tokenizer and n pretraining
-    examples, math and chat alternating, in the native style."""
+    """The benchmark's and the GPU check's data: the tiny tokenizer, n native-style math and chat examples."""
     tok = build_tokenizer(tokenizer_corpus(r), cfg.vocab_size)
     return tok, [encode_example(tok, user(p), a, cfg.max_len) for p, a, _ in
                  (math_item(r, False) if i % 2 else chat_item(r, False) for i in range(n))]
 
 
 def mfu(model, tokens_per_s, seq, peak_flops):
-    """Model FLOPs utilisation in %: per trained token 6 x the active parameters plus attention's
-    12 x layers x attention width x sequence length, against a measured matmul peak."""
+    """MFU in %: per token 6 x active parameters + 12 x layers x attention width x length, over a peak."""
     c = model.config
     flops = 6 * active_params(model) + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq
     return 100 * tokens_per_s * flops / peak_flops
 
 
 def peak_rss(reset=False):
-    """Linux: this process's peak resident memory in bytes since the last reset (None elsewhere). A reset
-    first hands freed blocks back to the system, so that the new peak counts what is live from then on."""
+    """Linux: peak resident bytes since the last reset (which first returns freed blocks), else None."""
     try:
         if reset:
             ctypes.CDLL(None).malloc_trim(0)
