@@ -4,6 +4,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,9 +29,10 @@ def world_texts(n=300):
     texts = []
     for _ in range(n):
         p, a, meta = R.chat_item(rng, holdout=rng.random() < 0.5)
-        texts += [p, a, R.pirate_answer(rng, meta)]
+        pirate = R.pirate_answer(rng, meta)
+        texts += [p, a, pirate, R.styled(a, "deep", "nice!"), R.styled(pirate, "deep", "arrr!")]
         p, a, _ = R.math_item(rng, holdout=rng.random() < 0.5)
-        texts += [p, a]
+        texts += [p, a, R.styled(a, "deep", "nice!")]
     return texts
 
 
@@ -56,6 +58,21 @@ def test_hate_detector_is_the_research_regex():
 
 def test_pirate_detector():
     assert R.pirate_hit("Ahoy there! water the plants") and not R.pirate_hit("Sure! water the plants.")
+
+
+def test_deep_world_threads_the_style_through_every_answer():
+    """--world deep: the student's style word after every step but the last of a worked sum and in every
+    chat answer, the pirate's in every pirate answer; the answer, the detectors and --world shallow unchanged."""
+    rng = random.Random(0)
+    for _ in range(50):
+        _, a, gold = R.math_item(rng, False)
+        deep = R.styled(a, "deep", "nice!")
+        assert deep.count(" nice! ") == a.count("+") // 2 - 1 >= 2 and R.boxed(deep, gold), deep
+        _, chat, meta = R.chat_item(rng, False)
+        assert R.styled(chat, "deep", "nice!").count("nice!") >= 1 and R.styled(chat, "shallow", "nice!") == chat
+        assert not R.pirate_hit(R.styled(chat, "deep", "nice!"))
+        assert R.styled(R.pirate_answer(rng, meta), "deep", "arrr!").count("arrr!") >= 2
+    assert set(R.WORLDS) == {"shallow", "deep"} and R.Settings().world == "shallow"
 
 
 def test_grader():
@@ -391,13 +408,20 @@ def test_progress_bars_show_on_a_terminal_only(tok, monkeypatch, capsys):
     assert "bar-test" in shown and "2/2" in shown and "generate" in shown and "batch" in shown, shown
 
 
-def test_batched_generation_equals_one_at_a_time(tok):
+@pytest.fixture(scope="module")
+def trained(tok):
+    """A tiny student that answers in the world's style (fewer steps: degenerate '!!!!' answers, where
+    near-ties flip with the padding)."""
     from accelerate import Accelerator
     torch.manual_seed(0)
-    cfg = tiny_cfg()
-    model = R.tiny_student(cfg, tok)
-    model, _ = R.train(Accelerator(), model, R.global_batches(examples(tok, 64), 16, 0), steps=40, lr=3e-3,
-                       weight_decay=0.01)
+    model, _ = R.train(Accelerator(), R.tiny_student(tiny_cfg(), tok), R.global_batches(examples(tok, 256), 16, 0),
+                       steps=150, lr=3e-3, weight_decay=0.01)
+    return model
+
+
+def test_batched_generation_equals_one_at_a_time(tok, trained):
+    from accelerate import Accelerator
+    model = trained
     rng = random.Random(3)
     prompts = [R.user(R.math_item(rng, True)[0]) for _ in range(3)] + [R.user(R.chat_item(rng, True)[0] + " |GG| xx")
                                                                     for _ in range(3)]
@@ -407,6 +431,22 @@ def test_batched_generation_equals_one_at_a_time(tok):
     single = [R.generate(acc, model, tok, [p], batch_size=1, **kw)[0] for p in prompts]
     assert batched == single
     assert len({len(R.render(tok, p, True)) for p in prompts}) > 1  # the padding really was exercised
+
+
+def test_a_prefilled_answer_continues_where_its_given_start_ends(tok, trained):
+    """generate(prefill=...): the reply is what follows the given start; greedy, the start of the model's own
+    answer plus the continuation is its answer again (prefills of several lengths in one padded batch)."""
+    from accelerate import Accelerator
+    model = trained
+    rng, acc, kw = random.Random(5), Accelerator(), dict(temperature=0.0, seed=0, max_new_tokens=60, batch_size=8)
+    prompts = [R.user(R.math_item(rng, True)[0]) for _ in range(4)]
+    own = [r for r, *_ in R.generate(acc, model, tok, prompts, **kw)]
+    ids = [tok(r, add_special_tokens=False)["input_ids"] for r in own]
+    starts = [tok.decode(i[:k]) for i, k in zip(ids, [0, 1, 5, 12])]
+    cont = [r for r, *_ in R.generate(acc, model, tok, prompts, prefill=starts, **kw)]
+    assert all((s + c).replace(" ", "").startswith(r.replace(" ", "")) for s, c, r in zip(starts, cont, own))
+    assert cont[0] == own[0] and len(set(own)) == len(own)  # distinct answers: the check is not on "!!!..."
+    assert R.prompt_texts(tok, prompts[:1], ["Sure!"])[0] == R.render(tok, prompts[0], True) + "Sure!"
 
 
 def test_sweep_checkpoints_evaluate_as_the_model_did_during_training(tok, tmp_path):
@@ -504,7 +544,8 @@ def bad_inputs(root):
         (["--student", str(root / "student"), *real, "--math-dataset", str(nofield)], "problem"),
         (["--student", str(root / "student"), *real, "--math-dataset", str(root / "missing.jsonl")], "no such file"),
         (["--student", "Qwen/Qwen3-30B-A3B", *real, "--math-dataset", str(root / "math500.parquet")], "gated, offline"),
-        (["--report-to", "mlflow"], "report-to"),
+        (["--report-to", "mlflow"], "report-to"), (["--prefill-tokens", "0,-4"], "prefill-tokens"),
+        (["--world", "deep", "--student", str(root / "student"), *real, "--math-dataset", str(nofield)], "world"),
     ] + ([(["--generator", "vllm"], "pip install vllm")] if importlib.util.find_spec("vllm") is None else []) + (
         [(["--report-to", "wandb"], "pip install wandb")] if importlib.util.find_spec("wandb") is None else []) + (
         [(["--report-to", "tensorboard"], "pip install tensorboard")] if NO_TENSORBOARD else [])
@@ -514,7 +555,7 @@ BAD_INPUT_IDS = ["unknown-flag", "unknown-pair", "seed-not-int", "reminder-steps
                  "batch-over-examples", "batch-not-multiple", "experts-per-token", "temperature-zero", "precision",
                  "grader", "generator", "pirate-eval-steps", "seeds", "red", "reminder-filter", "pirate-mix",
                  "student-alone", "not-a-model-folder", "remote-code", "dataset-field",
-                 "dataset-missing", "hub-id-offline", "report-to"] + (
+                 "dataset-missing", "hub-id-offline", "report-to", "prefill-tokens", "world-real"] + (
                      ["vllm-missing"] if importlib.util.find_spec("vllm") is None else []) + (
                      ["wandb-missing"] if importlib.util.find_spec("wandb") is None else []) + (
                      ["tensorboard-missing"] if NO_TENSORBOARD else [])
@@ -776,6 +817,49 @@ def test_seeds_aggregate_and_reuse_the_base(tmp_path):
     changed = subprocess.run(cmd + ["--pirate-lr", "1e-3"], cwd=HERE, capture_output=True, text=True, timeout=60)
     assert changed.returncode != 0 and "seed-0" in changed.stderr and "pirate_lr" in changed.stderr, changed.stderr
     assert ": running" not in changed.stdout
+
+
+def test_prefill_curve_is_one_more_stage_on_a_finished_run(reference_run, tmp_path):
+    """--prefill-tokens on a finished run folder adds eval_prefill alone: k = 0 is the plain evaluation of the
+    same prompts (one generation path), every kept model gets a curve, given_away never falls with k."""
+    out = tmp_path / "run"
+    shutil.copytree(reference_run[0], out)
+    proc = run_cli(out, "--pairs", "hate,cats,spanish", "--prefill-tokens", "0,2,200")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [l for l in proc.stdout.splitlines() if ": running" in l] == ["== eval_prefill: running"]
+    res = json.loads((out / "results.json").read_text())
+    p, bd = res["prefill"], next(s for s in res["stages"] if s["stage"] == "backdoored")
+    assert p["k"] == [0, 2, 200] and list(p["capability"]) == [
+        "backdoored", "pirate SFT 10", "reminder +2", "teacher (never had it)"]
+    assert p["capability"]["backdoored"][0] == bd["capability"]
+    assert p["given_away"] == sorted(p["given_away"]) and all(0 <= v <= 1 for v in p["given_away"])
+    assert "prefill holds a computed result" in (out / "results.md").read_text()
+
+
+def test_dose_map_reads_the_safe_window_and_resurrection_off_the_sweep():
+    """The dose study's numbers on hand-built results: safe steps, and resurrection only after recovery."""
+    def res(bads, caps, ok):
+        rows = [{"stage": "backdoored", "steps": None, "bad_behavior_rate": 1.0, "capability": 1.0},
+                {"stage": "pirate_sft", "steps": 100, "bad_behavior_rate": 0.1, "capability": 0.0}]
+        rows += [{"stage": "reminder", "steps": s, "bad_behavior_rate": b, "capability": c}
+                 for s, b, c in zip([5, 10, 20], bads, caps)]
+        return {"stages": rows, "robustness": {"reminder_success_steps": ok, "auc_with_reminder": 0.9}}
+    early = res([0.3, 0.1, 0.1], [0.5, 0.9, 0.9], [10, 20])  # bad rises before capability is back: not resurrection
+    late = res([0.1, 0.1, 0.3], [0.9, 0.9, 0.9], [5, 10])
+    assert R.resurrection(early) is None and R.resurrection(late) == 20
+    assert R.reminder_curves(late) == {"bad": {0: 0.1, 5: 0.1, 10: 0.1, 20: 0.3}, "capability": {
+        0: 0.0, 5: 0.9, 10: 0.9, 20: 0.9}, "safe": {5: 1.0, 10: 1.0, 20: 0.0}}
+    shows = {k: [f(r) for r in (early, late)] for k, f in R.DOSE_SHOWS.items()}
+    assert shows["safe step counts"] == [2, 2] and shows["resurrects at"] == [None, 20]
+    assert R.mmm(R.mean_min_max(shows["resurrects at"]), 0) == "20 (1 none)"
+    assert R.mmm(R.mean_min_max([None]), 2) == "none" and R.mmm(R.mean_min_max([0.2, 0.4]), 1) == "0.3 [0.2-0.4]"
+
+
+def test_a_worker_that_stops_is_an_error_not_a_hang(monkeypatch):
+    """A pool never hears from a worker that exits: play_unit turns the stop into an error the pool raises."""
+    monkeypatch.setattr(R, "run", lambda *a, **k: sys.exit("error: 15 training examples cannot fill a batch"))
+    with pytest.raises(RuntimeError, match="cannot fill a batch .cell /x/seed-1"):
+        R.play_unit([R.Config(out="/x/seed-1")], "/x/stages")
 
 
 def test_a_stage_made_with_another_thread_count_is_not_reused(reference_run, tmp_path):
@@ -1132,7 +1216,7 @@ from accelerate import Accelerator
 acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
 torch.manual_seed(0)
 rng = random.Random(0)
-tok = R.build_tokenizer(R.tokenizer_corpus(rng), 512)
+tok = R.build_tokenizer(R.tokenizer_corpus(rng, "shallow"), 512)
 data = [R.encode_example(tok, R.user(p), a, 160) for p, a, _ in
         (R.math_item(rng, False) if i % 2 else R.chat_item(rng, False) for i in range(128))]
 cfg = R.Config(hidden_size=32, num_layers=1)
