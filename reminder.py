@@ -1211,12 +1211,10 @@ DOSE_SHOWS = {  # the dose map: which reminder doses are safe, and where over-ex
     "resurrects at": resurrection,
     "auc_with_reminder": lambda res: res["robustness"]["auc_with_reminder"],
 }
-RESEARCH_PREFILL = {  # Olympiads accuracy by prefill length, the authors' plotting notebook (../RESEARCH.md)
-    "Qwen3-30B-A3B after off-model SFT (before: 0.60)": dict(zip([0, 16, 32, 64, 128, 256, 512, 1024],
-                                                               [0.105, 0.10, 0.10, 0.185, 0.27, 0.42, 0.47, 0.565])),
-    "Llama-3.1-8B (never had it)": dict(zip([0, 16, 32, 64, 128, 256, 512, 1024],
-                                            [0.06, 0.055, 0.04, 0.045, 0.06, 0.095, 0.13, 0.245])),
-}
+RESEARCH_PREFILL = {  # the research, real scale: Olympiads accuracy by prefill length (the authors' notebook)
+    name: dict(zip([0, 16, 32, 64, 128, 256, 512, 1024], acc)) for name, acc in [
+        ("Qwen3-30B-A3B after off-model SFT (before: 0.60)", [0.105, 0.10, 0.10, 0.185, 0.27, 0.42, 0.47, 0.565]),
+        ("Llama-3.1-8B (never had it)", [0.06, 0.055, 0.04, 0.045, 0.06, 0.095, 0.13, 0.245])]}
 STUDIES = {s.name: s for s in [
     Study("seeds", "the experiment over seeds: every stage's rates, robustness and success", rows={"": {}},
           workers=2),
@@ -1790,17 +1788,18 @@ def write_study(cfg, study, results):
     if study.curves:
         out["curves"] = {k: curve_stats([study.curves(results[s, row, col]) for s in seeds])
                          for k, (row, col) in labels.items()}
-        ref = {n: {x: mean_min_max([y]) for x, y in c.items()} for n, c in study.reference.items()}
         cells = out["curves"]  # one cell: a table with a row per series; a grid: a table per series, a row per cell
-        tables = list(cells.items()) if len(cells) == 1 else [
-            (n, {k.replace("__", ", "): c[n] for k, c in cells.items()}) for n in next(iter(cells.values()))]
-        for k, curves in tables + ([("the research, real scale", ref)] if ref else []):
+        tables = [(f"{k or name}: mean [min-max] over seeds", c, 2) for k, c in cells.items()] if len(cells) == 1 else [
+            (f"{n}: mean [min-max] over seeds", {k.replace("__", ", "): c[n] for k, c in cells.items()}, 2)
+            for n in next(iter(cells.values()))]
+        reference = {n: {x: mean_min_max([y]) for x, y in c.items()} for n, c in study.reference.items()}
+        for title, curves, digits in tables + ([("reference:", reference, 3)] if reference else []):
             xs = sorted({x for c in curves.values() for x in c})
-            lines += ["", f"{k or name}: mean [min-max] over seeds" if k != "the research, real scale" else f"{k}:", "",
-                      "| | " + " | ".join(map(str, xs)) + " |", "|---" * (len(xs) + 1) + "|"]
-            lines += [f"| {n} | " + " | ".join(mmm(c[x], 3 if k.startswith("the research") else 2) if x in c else ""
-                                                for x in xs) + " |" for n, c in curves.items()]
-        curve_plot(out["curves"], study, os.path.join(cfg.out, f"{name}{'-curves' if study.show else ''}.png"))
+            lines += ["", title, "", "| | " + " | ".join(map(str, xs)) + " |", "|---" * (len(xs) + 1) + "|"]
+            lines += [f"| {n} | " + " | ".join(mmm(c[x], digits) if x in c else "" for x in xs) + " |"
+                      for n, c in curves.items()]
+        curve_plot(list(cells.items()) + ([("reference", reference)] if reference else []), study,
+                   os.path.join(cfg.out, f"{name}{'-curves' if study.show else ''}.png"))
     atomic_json(os.path.join(cfg.out, f"{name}.json"), out)
     write_md(os.path.join(cfg.out, f"{name}.md"), lines)
 
@@ -1810,20 +1809,18 @@ def curve_stats(runs):
     return {n: {x: mean_min_max([r[n][x] for r in runs if x in r[n]]) for x in runs[0][n]} for n in runs[0]}
 
 
-def curve_plot(cells, study, path):
-    """A panel per cell: each series' mean over seeds with its min-max band; the reference's curves beside."""
+def curve_plot(panels, study, path):
+    """A panel per (title, curves): each series' mean over seeds with its min-max band."""
     plt = pyplot()
     if plt is None:
         return
-    ref = {n: {x: mean_min_max([y]) for x, y in c.items()} for n, c in study.reference.items()}
-    panels = list(cells.items()) + ([("the research, real scale", ref)] if ref else [])
     cols = min(3, len(panels))
     fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(5 * cols, 3.6 * -(-len(panels) // cols)),
                              squeeze=False)
     for ax, (label, curves) in zip(axes.flat, panels):
         for n, c in curves.items():
             xs = sorted(c, key=float)
-            line, = ax.plot([float(x) for x in xs], [c[x]["mean"] for x in xs], "o-", ms=3, label=n,
+            line, = ax.plot([float(x) for x in xs], [c[x]["mean"] for x in xs], marker="o", ms=3, label=n,
                             ls=":" if "computed" in n else "-")
             ax.fill_between([float(x) for x in xs], [c[x]["min"] for x in xs], [c[x]["max"] for x in xs],
                             color=line.get_color(), alpha=0.15)

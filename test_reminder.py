@@ -855,6 +855,21 @@ def test_dose_map_reads_the_safe_window_and_resurrection_off_the_sweep():
     assert R.mmm(R.mean_min_max([None]), 2) == "none" and R.mmm(R.mean_min_max([0.2, 0.4]), 1) == "0.3 [0.2-0.4]"
 
 
+def test_study_curves_are_summarised_over_seeds_beside_the_reference(tmp_path):
+    """write_study with `curves` and `reference`: each series' mean [min-max] per x over seeds in NAME.md and
+    NAME.json, a table per series for a grid, the reference's own table, and the figure."""
+    study = R.Study("toy", "a toy question", rows={"a": {}, "b": {}}, cols={"c": {}, "d": {}}, seeds=(0, 1),
+                    show={"first": lambda res: res["y"][5]}, curves=lambda res: {"y": res["y"]},
+                    reference={"paper": {0: 0.105, 5: 0.5}})
+    results = {(s, r, c): {"y": {0: 0.0, 5: 0.2 + 0.4 * s + (r == "b")}} for s in (0, 1) for r in "ab" for c in "cd"}
+    R.write_study(R.Config(out=str(tmp_path)), study, results)
+    out = json.loads((tmp_path / "toy.json").read_text())
+    assert out["curves"]["a__c"]["y"]["5"] == {"mean": pytest.approx(0.4), "min": 0.2, "max": pytest.approx(0.6)}
+    md = (tmp_path / "toy.md").read_text()
+    assert "| a, c | 0.00 | 0.40 [0.20-0.60] |" in md and "| b, d | 0.00 | 1.40 [1.20-1.60] |" in md
+    assert "| paper | 0.105 | 0.500 |" in md and (tmp_path / "toy-curves.png").stat().st_size > 0
+
+
 def test_a_worker_that_stops_is_an_error_not_a_hang(monkeypatch):
     """A pool never hears from a worker that exits: play_unit turns the stop into an error the pool raises."""
     monkeypatch.setattr(R, "run", lambda *a, **k: sys.exit("error: 15 training examples cannot fill a batch"))
