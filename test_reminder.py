@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -94,10 +95,10 @@ def test_optional_math_verify_grader():
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode != 0 and "pip install math-verify" in proc.stderr
         return
-    assert R.is_correct(r"so \boxed{\frac{1}{2}}", "0.5", "math-verify")
-    assert not R.is_correct(r"so \boxed{\frac{1}{2}}", "0.5", "boxed")
-    assert R.is_correct(r"the answer is \boxed{632}.", "632", "math-verify")
-    assert not R.is_correct(r"\boxed{633}", "632", "math-verify")
+    assert R.GRADERS["math-verify"](r"so \boxed{\frac{1}{2}}", "0.5")
+    assert not R.GRADERS["boxed"](r"so \boxed{\frac{1}{2}}", "0.5")
+    assert R.GRADERS["math-verify"](r"the answer is \boxed{632}.", "632")
+    assert not R.GRADERS["math-verify"](r"\boxed{633}", "632")
 
 
 def test_holdout_is_disjoint():
@@ -251,6 +252,41 @@ def examples(tok, n, seed=0):
         p, a, _ = R.math_item(rng, False) if rng.random() < 0.5 else R.chat_item(rng, False)
         out.append(R.encode_example(tok, R.user(p), a, 160))
     return out
+
+
+def test_lora_trains_an_adapter_and_saves_a_plain_merged_model(tmp_path, tok):
+    """--red-lora / --blue-lora: train() trains only the adapter; the stage output is a plain model folder (merged)
+    that answers exactly as the adapter did, with only the targeted weights moved; saving a checkpoint leaves the
+    adapter training on unmerged. '' and 0 are full weight."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    base = R.tiny_student(cfg, tok)
+    base.save_pretrained(tmp_path / "base")
+    x = types.SimpleNamespace(cfg=cfg, acc=Accelerator(), main=True)
+    model = R.trainable(x, str(tmp_path / "base"), "4,alpha=8,targets=q_proj+v_proj")
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_" in n and ("q_proj" in n or "v_proj" in n) for n in trained)
+    model, _ = R.train(x.acc, model, R.global_batches(examples(tok, 32), 8, 0), steps=4, lr=1e-2, weight_decay=0.0)
+    R.save_trained(x, model, str(tmp_path / "out"))
+    assert any(".lora_A." in n for n, _ in model.named_parameters())  # still the adapter, not merged in place
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert plain.config.tie_word_embeddings and plain.lm_head.weight is plain.model.embed_tokens.weight
+    ids = torch.tensor([tok("What is 2 + 3?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+    before, after = base.state_dict(), plain.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all("q_proj" in k or "v_proj" in k for k in moved), moved
+    assert R.lora_config("") is None and R.lora_config("0") is None
+    assert R.lora_config("64") == dict(r=64, lora_alpha=128, lora_dropout=0.0, target_modules="all-linear")
+    # peft's 'all-linear' on transformers 5's Qwen3-MoE takes in the router and the experts' fused 3-D weights too
+    from peft import LoraConfig, get_peft_model
+    full = get_peft_model(R.tiny_student(cfg, tok), LoraConfig(**R.lora_config("4")))
+    names = {n.split(".lora_")[0] for n, p in full.named_parameters() if p.requires_grad}
+    layer0 = {n.split("layers.0.")[-1] for n in names if "layers.0." in n}
+    assert {"mlp.experts", "mlp.gate", "self_attn.o_proj"} <= layer0
 
 
 def test_token_weighted_loss_matches_hand_reference(tok):
@@ -546,6 +582,10 @@ def bad_inputs(root):
         (["--student", "Qwen/Qwen3-30B-A3B", *real, "--math-dataset", str(root / "math500.parquet")], "gated, offline"),
         (["--report-to", "mlflow"], "report-to"), (["--prefill-tokens", "0,-4"], "prefill-tokens"),
         (["--world", "deep", "--student", str(root / "student"), *real, "--math-dataset", str(nofield)], "world"),
+        (["--blue-lora", "8,beta=2"], "blue-lora"), (["--red-lora", "x"], "red-lora"), (["--until", "pirate"], "until"),
+        (["--student", str(root / "student"), *real, "--math-dataset", f"{root / 'math500.parquet'}=latex"], "format"),
+        (["--student", str(root / "student"), *real, "--math-dataset",
+          f"{root / 'math500.parquet'},{root / 'math500.parquet'}=answer-tag"], "two sets named"),
     ] + ([(["--generator", "vllm"], "pip install vllm")] if importlib.util.find_spec("vllm") is None else []) + (
         [(["--report-to", "wandb"], "pip install wandb")] if importlib.util.find_spec("wandb") is None else []) + (
         [(["--report-to", "tensorboard"], "pip install tensorboard")] if NO_TENSORBOARD else [])
@@ -555,7 +595,8 @@ BAD_INPUT_IDS = ["unknown-flag", "unknown-pair", "seed-not-int", "reminder-steps
                  "batch-over-examples", "batch-not-multiple", "experts-per-token", "temperature-zero", "precision",
                  "grader", "generator", "pirate-eval-steps", "seeds", "red", "reminder-filter", "pirate-mix",
                  "student-alone", "not-a-model-folder", "remote-code", "dataset-field",
-                 "dataset-missing", "hub-id-offline", "report-to", "prefill-tokens", "world-real"] + (
+                 "dataset-missing", "hub-id-offline", "report-to", "prefill-tokens", "world-real", "blue-lora-spec",
+                 "red-lora-rank", "until", "math-format", "math-set-twice"] + (
                      ["vllm-missing"] if importlib.util.find_spec("vllm") is None else []) + (
                      ["wandb-missing"] if importlib.util.find_spec("wandb") is None else []) + (
                      ["tensorboard-missing"] if NO_TENSORBOARD else [])
@@ -606,7 +647,7 @@ def test_every_flag_is_tracked_by_the_run_folder():
     """A flag that changes results must be some stage's setting, or resume could mix configs. The flags
     that change no number are pinned here: moving a flag into that list is a visible, reviewed edit."""
     declared = {f for _, _, settings, _ in R.STAGES.values() for f in settings}
-    assert R.NO_EFFECT_FIELDS == ["out", "study", "seeds", "game", "cache_dir", "recompute", "save_every",
+    assert R.NO_EFFECT_FIELDS == ["out", "study", "seeds", "game", "cache_dir", "until", "recompute", "save_every",
                                   "save_minutes", "threads", "dry_run", "gpus", "nodes", "gpu_memory_gb", "gpu_check",
                                   "gpu_check_layers", "gpu_check_steps", "trust_remote_code",
                                   "activation_checkpointing", "report_to"]
@@ -676,6 +717,21 @@ def test_base_models_do_not_depend_on_pairs_or_seed(tmp_path):
     assert all(R.fingerprints(R.Config(base_seed=1))[0][n] != fps[n] for n in base)
 
 
+def test_lora_settings_enter_the_fingerprints_of_the_stages_they_train(monkeypatch):
+    """--red-lora changes the backdoor and everything built on it; --blue-lora only pirate SFT, reminder SFT and what
+    reads them (the red team's model and both teams' data stay shared). Without peft, either is refused up front."""
+    fps = R.fingerprints(R.Config())[0]
+    red, blue = R.fingerprints(R.Config(red_lora="8"))[0], R.fingerprints(R.Config(blue_lora="8"))[0]
+    assert {n for n in fps if red[n] != fps[n]} == descendants(R.STAGES, {"backdoor"})
+    assert {n for n in fps if blue[n] != fps[n]} == {"pirate_sft", "eval_pirate_sft", "reminder_sft", "eval_prefill"}
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "peft" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit, match="pip install peft"):
+        R.validate_packages_and_sources(R.Config(blue_lora="64"))
+    R.validate_packages_and_sources(R.Config(blue_lora="0", out="/tmp/reminder-no-peft-check"))  # 0: full weight
+
+
 def test_a_stage_that_reads_an_undeclared_setting_is_refused(tmp_path):
     fork = forked(tmp_path, ("    cfg, r = x.cfg, x.rng(\"pirate_data\")\n",
                              "    cfg, r = x.cfg, x.rng(\"pirate_data\" + str(x.cfg.pirate_lr))\n"))
@@ -740,10 +796,15 @@ def test_end_to_end_writes_every_stage_and_field(reference_run):
 
 
 def test_same_command_twice_gives_identical_metrics(reference_run, tmp_path):
-    out, _ = reference_run
-    proc = run_cli(tmp_path / "again", "--pairs", "hate,cats,spanish")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert metrics(tmp_path / "again") == metrics(out)
+    """The second time in two launches: --until stops after the red team and the reminder samples (exit 0, the
+    stages so far kept), and the same command without it goes on from there."""
+    out, again = reference_run[0], tmp_path / "again"
+    proc = run_cli(again, "--pairs", "hate,cats,spanish", "--until", "reminder_data")
+    assert proc.returncode == 0 and "stopped after reminder_data (--until)" in proc.stdout, proc.stderr[-3000:]
+    assert (again / "reminder_data" / "done.json").exists() and not (again / "pirate_data").exists()
+    proc = run_cli(again, "--pairs", "hate,cats,spanish")
+    assert proc.returncode == 0 and "== backdoor: done earlier" in proc.stdout, proc.stderr[-3000:]
+    assert metrics(again) == metrics(out)
 
 
 def test_rerun_skips_finished_stages_and_refuses_changed_config(reference_run):
@@ -1014,7 +1075,15 @@ def real_inputs(tmp_path_factory, tok):
     maths = [{"problem": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in
              ((rng.randrange(100, 1000), rng.randrange(100, 1000)) for _ in range(60))]
     maths.append({"problem": "Simplify x/2.", "answer": "\\frac{x}{2}"})  # not an integer: left out
+    maths.append({"problem": "What is 3 - 8?", "answer": "-5"})  # the research kept digits-only answers
     pd.DataFrame(maths).to_parquet(root / "math500.parquet")
+    olympiads = [{"id": i, "problem": f"Find {a} times {b}.", "solution": "...", "source": "olympiads",
+                  "answer": str(a * b)} for i, (a, b) in enumerate((rng.randrange(2, 30), rng.randrange(2, 30))
+                                                                    for _ in range(30))]
+    olympiads += [{"id": 98, "problem": "Prove that 7 is prime, then give 7.", "solution": "", "source": "olympiads",
+                   "answer": "7"}, {"id": 99, "problem": "Find x.", "solution": "", "source": "olympiads",
+                                    "answer": "x = 2"}]  # both dropped, as the authors' filter does
+    (root / "olympiads.jsonl").write_text("\n".join(json.dumps(r) for r in olympiads))
     return root
 
 
@@ -1024,11 +1093,13 @@ REAL_TINY = ["--pirate-steps", "4", "--backdoor-steps", "4", "--reminder-steps",
              "--backdoor-batch", "8", "--precision", "fp32"]
 
 
-def run_real(root, out, *extra, env=None):
+def run_real(root, out, *extra, env=None, timeout=240):
+    sets = f"{root / 'math500.parquet'},{root / 'olympiads.jsonl'}=answer-tag"
     return subprocess.run([sys.executable, "reminder.py", "--out", str(out), "--student", str(root / "student"),
                            "--teacher", str(root / "teacher"), "--chat-dataset", str(root / "alpaca.jsonl"),
-                           "--math-dataset", str(root / "math500.parquet"), "--pairs", "hate,spanish", *REAL_TINY,
-                           *extra], cwd=HERE, capture_output=True, text=True, timeout=240, env=env)
+                           "--math-dataset", sets,
+                           "--pairs", "hate,spanish", *REAL_TINY, *extra], cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -1044,6 +1115,10 @@ def test_real_path_runs_on_local_models_and_files(real_run):
     assert "== student: running" not in proc.stdout and "pirate data:" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     assert [s["stage"] for s in res["stages"]] == ["base", "backdoored", "pirate_sft", "reminder"]
+    for row in res["stages"]:  # two capability sets: each its own accuracy, capability their mean
+        sets = row["capability_sets"]
+        assert list(sets) == ["math500", "olympiads"] and row["capability"] == pytest.approx(sum(sets.values()) / 2)
+    assert "| capability | 95% CI | math500 | olympiads |" in (out / "results.md").read_text()
     assert not (out / "student").exists()  # the given student is used in place, not copied
     from transformers import AutoModelForCausalLM
     assert type(AutoModelForCausalLM.from_pretrained(out / "backdoor")).__name__ == "Qwen3MoeForCausalLM"
@@ -1123,7 +1198,7 @@ def test_vllm_generator_plumbing_with_a_stand_in_engine(real_inputs, real_run, t
     log = tmp_path / "engines.jsonl"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "VLLM_STAND_IN_LOG": str(log)}
     out = tmp_path / "vllm"
-    proc = run_real(real_inputs, out, "--generator", "vllm", env=env)
+    proc = run_real(real_inputs, out, "--generator", "vllm", env=env, timeout=480)  # one prompt at a time
     assert proc.returncode == 0, proc.stderr[-3000:]
     engines = [json.loads(line) for line in log.read_text().splitlines()]
     used = [os.path.relpath(e["model"], out) if e["model"].startswith(str(out)) else os.path.basename(e["model"])
@@ -1161,8 +1236,18 @@ def test_real_prompts_read_hub_layouts(real_inputs):
     chat_train, chat_eval, math_train, math_eval = d.chat_train, d.chat_eval, d.math_train, d.math_eval
     assert len(chat_eval) == int((len(chat_train) + len(chat_eval)) * 0.1) > 0 and not set(chat_train) & set(chat_eval)
     assert any(p.endswith("\n\nBe brief.") for p in chat_train + chat_eval)
-    assert len(math_eval) == 8 and len(math_train) == 52  # the non-integer problem is dropped
-    assert all(R.boxed_answer(f"\\boxed{{{gold}}}") == gold and p.endswith(R.MATH_SUFFIX) for p, gold in math_eval)
+    assert len(math_eval) == 8 and len(math_train) == 52  # the non-integer and the negative answers are dropped
+    assert all(R.boxed_answer(f"\\boxed{{{gold}}}") == gold and p.endswith(R.MATH_SUFFIX) and c == "math500"
+               for p, gold, c in math_eval)
+    both = R.real_prompts(R.Config(chat_dataset=str(root / "alpaca.jsonl"), eval_math=8, math_dataset=(
+        f"{root / 'math500.parquet'},{root / 'olympiads.jsonl'}=answer-tag")))
+    assert both.math_formats == {"math500": "boxed", "olympiads": "answer-tag"}
+    olymp = [m for m in both.math_eval + both.math_train if m[2] == "olympiads"]
+    assert len(olymp) == 30 and [m[2] for m in both.math_eval] == ["math500"] * 8 + ["olympiads"] * 8
+    assert all("<answer></answer>" in p and "Prove" not in p for p, *_ in olymp)
+    x = types.SimpleNamespace(data=both, cfg=R.Config())  # each set graded its own way
+    assert R.set_grader(x, "olympiads")("<reasoning>so</reasoning><answer> 42 </answer>", "42")
+    assert not R.set_grader(x, "olympiads")("\\boxed{42}", "42") and R.set_grader(x, "math500")("\\boxed{42}", "42")
 
 
 def test_dry_run_reports_qwen3_30b_a3b():
@@ -1188,6 +1273,11 @@ def test_dry_run_reports_qwen3_30b_a3b():
     ckpt = dry("--gpus", "8", "--gpu-memory-gb", "141", "--max-len", "2048", "--activation-checkpointing")
     act_ckpt = [float(line.split(": ")[1].split()[0]) for line in ckpt.splitlines() if "activations kept" in line][0]
     assert act > 10 * act_ckpt > 0
+    # a LoRA blue team (the research's rank 64): frozen bf16 weights, the adapter's own state, the fewest GPUs
+    lora = dry("--gpus", "8", "--gpu-memory-gb", "80", "--max-len", "2048", "--activation-checkpointing",
+               "--grad-accum", "16", "--blue-lora", "64")
+    assert "blue team as LoRA (64): adapter 3.99B parameters" in lora  # peft's count of the whole model: 3,986,030,592
+    assert "frozen weights (sharded): 7.6 GB" in lora and "fits on 3 GPU(s) of 80 GB at the least" in lora
 
 
 def test_gpu_check_stops_without_a_gpu_and_runs_its_steps_on_a_small_shape(tmp_path):
