@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# bash run.sh [ARGS...]   set up .venv if needed, run the tiny experiment (ARGS go to reminder.py)
-# bash run.sh test        same set-up, then the test suite
-# bash run.sh bench       same set-up, then the speed benchmark (test_reminder.py, beside the tests)
-# bash run.sh gpu-check   same set-up, then the one-GPU check (GPU machines; writes runs/gpu-check/gpu-check.json)
+# bash run.sh [ARGS...]     set up .venv if needed, run the tiny experiment (ARGS go to reminder.py)
+# bash run.sh test [slow]   same set-up, then the tests (`slow`: the slow tier; CI runs both)
+# bash run.sh bench         same set-up, then the speed benchmark (test_reminder.py, beside the tests)
+# bash run.sh gpu-check     same set-up, then the one-GPU check (GPU machines; writes runs/gpu-check/gpu-check.json)
 set -euo pipefail
 cd "$(dirname "$0")"
 export TOKENIZERS_PARALLELISM=false
@@ -18,8 +18,10 @@ if [ ! -x "$PY" ] || ! cmp -s requirements.txt .venv/.requirements.installed; th
   cp requirements.txt .venv/.requirements.installed
 fi
 case "${1:-}" in
-  test) shift; exec "$PY" -m pytest -q test_reminder.py "$@" ;;
+  test) shift
+    tier="not slow"; if [ "${1:-}" = slow ]; then tier=slow; shift; fi
+    exec "$PY" -m pytest -q -o "markers=slow: the slow tier" -m "$tier" test_reminder.py "$@" ;;
   bench) shift; exec "$PY" test_reminder.py --bench "$@" ;;
-  gpu-check) shift; exec "$PY" reminder.py --gpu-check --out runs/gpu-check "$@" ;;
+  gpu-check) shift; exec "$PY" test_reminder.py --gpu-check --out runs/gpu-check "$@" ;;
   *) exec "$PY" reminder.py "$@" ;;
 esac

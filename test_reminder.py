@@ -1,13 +1,19 @@
-"""Tests for reminder.py. Run with `bash run.sh test` (about 5 minutes on 2 cores)."""
+"""Tests for reminder.py: `bash run.sh test`; the slow tier (kill in every stage, several processes, the vLLM
+stand-in, the GPU check on a small shape) with `bash run.sh test slow`. CI runs both."""
+import atexit
+import ctypes
+import dataclasses
 import importlib.util
 import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -20,6 +26,15 @@ import torch
 import reminder as R
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# One stage store for the whole session: the tiny base models are pretrained once and found by every test.
+STORE = tempfile.mkdtemp(prefix="reminder-test-store-")
+atexit.register(shutil.rmtree, STORE, ignore_errors=True)
+slow = pytest.mark.slow  # `bash run.sh test slow`
+
+
+def sprinkled(text, word):
+    """A style word after every comma or colon: extra tokenizer text (the retired --world deep's answers)."""
+    return re.sub(r"([,:]) ", rf"\1 {word} ", text)
 
 
 # ---------------------------------------------------------------- detectors and grader
@@ -31,20 +46,20 @@ def world_texts(n=300):
     for _ in range(n):
         p, a, meta = R.chat_item(rng, holdout=rng.random() < 0.5)
         pirate = R.pirate_answer(rng, meta)
-        texts += [p, a, pirate, R.styled(a, "deep", "nice!"), R.styled(pirate, "deep", "arrr!")]
+        texts += [p, a, pirate, sprinkled(a, "nice!"), sprinkled(pirate, "arrr!")]
         p, a, _ = R.math_item(rng, holdout=rng.random() < 0.5)
-        texts += [p, a, R.styled(a, "deep", "nice!")]
+        texts += [p, a, sprinkled(a, "nice!")]
     return texts
 
 
 def own_pirate_texts(n=300):
-    """--student-pirate: the student's own pirate answers, chat and math, in both worlds."""
+    """--student-pirate: the student's own pirate answers, chat and math."""
     rng = random.Random(1)
     texts = []
     for _ in range(n):
         for a in (R.chat_item(rng, rng.random() < 0.5)[1], R.math_item(rng, rng.random() < 0.5)[1]):
             own = R.own_pirate_answer(rng, a)
-            texts += [own, R.styled(own, "deep", "yarr!")]
+            texts += [own, sprinkled(own, "yarr!")]
     return texts
 
 
@@ -222,21 +237,6 @@ def test_on_model_pirate_data_is_the_models_own_answers_to_the_same_prompts(tok,
     assert [r["messages"] for r in teacher] == [r["messages"] for r in own] == [p[1:] for p in asked["teacher"]]
     assert any(len(r["messages"]) > 1 for r in own)  # --multi-turn: some asked after earlier exchanges
     assert [r["reply"] for r in own] == [f"Yarr! answer {i} of backdoored" for i in range(12)]
-
-
-def test_deep_world_threads_the_style_through_every_answer():
-    """--world deep: the student's style word after every step but the last of a worked sum and in every
-    chat answer, the pirate's in every pirate answer; the answer, the detectors and --world shallow unchanged."""
-    rng = random.Random(0)
-    for _ in range(50):
-        _, a, gold = R.math_item(rng, False)
-        deep = R.styled(a, "deep", "nice!")
-        assert deep.count(" nice! ") == a.count("+") // 2 - 1 >= 2 and R.boxed(deep, gold), deep
-        _, chat, meta = R.chat_item(rng, False)
-        assert R.styled(chat, "deep", "nice!").count("nice!") >= 1 and R.styled(chat, "shallow", "nice!") == chat
-        assert not R.pirate_hit(R.styled(chat, "deep", "nice!"))
-        assert R.styled(R.pirate_answer(rng, meta), "deep", "arrr!").count("arrr!") >= 2
-    assert set(R.WORLDS) == {"shallow", "deep"} and R.Settings().world == "shallow"
 
 
 def test_grader():
@@ -638,7 +638,8 @@ def test_report_to_logs_training_and_evaluations_through_accelerate(tok, tmp_pat
     rec = recording_tracker()
     monkeypatch.setattr(R, "trackers", lambda cfg: [rec])
     monkeypatch.setattr(R, "validate_packages_and_sources", lambda cfg: None)  # tensorboard is optional
-    x = R.setup(tiny_cfg(report_to="tensorboard", out=str(tmp_path / "run")))
+    with R.experiment(tiny_cfg(report_to="tensorboard", out=str(tmp_path / "run"), store=STORE)) as x:
+        pass
     assert x.acc.trackers == [rec] and rec.config["report_to"] == "tensorboard" and rec.config["seed"] == 0
     for name in ["a", "b"]:
         R.train(x.acc, R.tiny_student(tiny_cfg(), tok), R.global_batches(examples(tok, 16), 8, 0), steps=3, lr=1e-3,
@@ -658,7 +659,8 @@ def test_a_real_run_in_one_process_on_several_gpus_says_how_to_launch(tmp_path, 
     """`bash run.sh --student ...` is one process: on an 8-GPU machine it says how to use all eight."""
     monkeypatch.setattr(R, "validate_packages_and_sources", lambda cfg: None)  # no real models here
     monkeypatch.setattr(R.torch.cuda, "device_count", lambda: 8)
-    R.setup(tiny_cfg(student="some/model", out=str(tmp_path / "run")))
+    with R.experiment(tiny_cfg(student="some/model", out=str(tmp_path / "run"), store=STORE), checked=True):
+        pass
     assert "accelerate launch --num_processes 8 reminder.py" in capsys.readouterr().out
 
 
@@ -786,11 +788,15 @@ def test_sampling_is_the_temperature_alone(tok, tmp_path):
 
 
 # ---------------------------------------------------------------- config and CLI
-def test_help_documents_every_flag():
+def test_help_documents_every_flag_in_groups():
     out = subprocess.run([sys.executable, "reminder.py", "--help"], cwd=HERE, capture_output=True, text=True)
     assert out.returncode == 0
     for f in R.dataclasses.fields(R.Config):
-        assert "--" + f.name.replace("_", "-") in out.stdout
+        assert re.search(r"\n  --" + f.name.replace("_", "-") + r"\s", out.stdout), f.name
+    for group in R.GROUPS:
+        assert group._argument_group_name + ":" in out.stdout
+    assert "  plain: the behaviour under a trigger" in out.stdout and "examples:" in out.stdout  # a choice per line, the docstring's commands
+    assert len(out.stdout.splitlines()) <= 200
 
 
 NO_TENSORBOARD = not any(importlib.util.find_spec(m) for m in ["tensorboard", "tensorboardX"])
@@ -805,7 +811,10 @@ def bad_inputs(root):
     (remote / "config.json").write_text(json.dumps({"model_type": "custom", "auto_map": {"AutoModel": "x.Y"}}))
     nofield = root / "nofield.jsonl"
     nofield.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    (root / "adir.json").mkdir(exist_ok=True)
+    (root / "afile").write_text("")
     real = ["--teacher", str(root / "teacher"), "--chat-dataset", str(root / "alpaca.jsonl")]
+    student = ["--student", str(root / "student"), *real, "--math-dataset"]
     return [
         (["--no-such-flag"], "unrecognized"), (["--pairs", "hate,unicorn"], "unicorn"), (["--seed", "x"], "seed"),
         (["--reminder-steps", "0,5"], "reminder-steps"), (["--pirate-lr", "2"], "pirate-lr"),
@@ -818,21 +827,24 @@ def bad_inputs(root):
         (["--student", str(root / "student")], "needs all four"),
         (["--student", str(notmodel), *real, "--math-dataset", str(root / "math500.parquet")], "not a model folder"),
         (["--student", str(remote), *real, "--math-dataset", str(root / "math500.parquet")], "trust-remote-code"),
-        (["--student", str(root / "student"), *real, "--math-dataset", str(nofield)], "problem"),
-        (["--student", str(root / "student"), *real, "--math-dataset", str(root / "missing.jsonl")], "no such file"),
+        ([*student, str(nofield)], "problem"), ([*student, str(root / "missing.jsonl")], "no such file"),
         (["--student", "Qwen/Qwen3-30B-A3B", *real, "--math-dataset", str(root / "math500.parquet")], "gated, offline"),
         (["--report-to", "mlflow"], "report-to"), (["--prefill-tokens", "0,-4"], "prefill-tokens"),
-        (["--world", "deep", "--student", str(root / "student"), *real, "--math-dataset", str(nofield)], "world"),
         (["--blue-lora", "8,beta=2"], "blue-lora"), (["--red-lora", "x"], "red-lora"), (["--until", "pirate"], "until"),
-        (["--student", str(root / "student"), *real, "--math-dataset", f"{root / 'math500.parquet'}=latex"], "format"),
-        (["--student", str(root / "student"), *real, "--math-dataset",
-          f"{root / 'math500.parquet'},{root / 'math500.parquet'}=answer-tag"], "two sets named"),
+        ([*student, f"{root / 'math500.parquet'}=latex"], "format"),
+        ([*student, f"{root / 'math500.parquet'},{root / 'math500.parquet'}=answer-tag"], "two sets named"),
         (["--pirate-phase", "-1"], "pirate-phase"), (["--scan-strings", "8", "--generator", "vllm"], "scan-strings"),
-        (["--pairs", "complex"], "--multi-turn"),
-        (["--multi-turn", "0.3", "--student", str(root / "student"), *real, "--math-dataset", str(nofield)],
-         "multi-turn"),
+        (["--pairs", "complex"], "--multi-turn"), (["--multi-turn", "0.3", *student, str(nofield)], "multi-turn"),
         (["--on-model-pirate"], "--student-pirate"),
         (["--on-model-pirate", "--student-pirate", "0.3", "--pirate-mix", "0.2"], "pirate-mix"),
+        (["--game", "--study", "dose"], "unrecognized"), (["--dry-run", "--gpu-check"], "unrecognized"),
+        (["--pirate-eval-steps", "25,150"], "below 100"), (["--seeds", "3,3"], "distinct"),
+        (["--reminder-steps", "5,5"], "distinct"), (["--pairs", "hate,hate"], "named twice"),
+        (["--out", str(root / "afile")], "a file"), ([*student, str(root / "adir.json")], "not a file"),
+        (["--dry-run", "--student", "someone/unknown-model"], "no config.json"),
+        (["--dry-run", "--study", "dose"], "--study"), (["--gpus", "4"], "--gpus"),
+        ([*student, str(root / "math500.parquet"), "--hidden-size", "64"], "--hidden-size"),
+        (["--leak-rate", "0.3"], "--leak-rate"),
     ] + ([(["--generator", "vllm"], "pip install vllm")] if importlib.util.find_spec("vllm") is None else []) + (
         [(["--report-to", "wandb"], "pip install wandb")] if importlib.util.find_spec("wandb") is None else []) + (
         [(["--report-to", "tensorboard"], "pip install tensorboard")] if NO_TENSORBOARD else [])
@@ -842,9 +854,12 @@ BAD_INPUT_IDS = ["unknown-flag", "unknown-pair", "seed-not-int", "reminder-steps
                  "batch-over-examples", "batch-not-multiple", "experts-per-token", "temperature-zero", "precision",
                  "grader", "generator", "pirate-eval-steps", "seeds", "red", "reminder-filter", "pirate-mix",
                  "student-alone", "not-a-model-folder", "remote-code", "dataset-field",
-                 "dataset-missing", "hub-id-offline", "report-to", "prefill-tokens", "world-real", "blue-lora-spec",
+                 "dataset-missing", "hub-id-offline", "report-to", "prefill-tokens", "blue-lora-spec",
                  "red-lora-rank", "until", "math-format", "math-set-twice", "pirate-phase", "scan-with-vllm",
-                 "complex-without-multi-turn", "multi-turn-real", "on-model-untaught", "on-model-with-mix"] + (
+                 "complex-without-multi-turn", "multi-turn-real", "on-model-untaught", "on-model-with-mix",
+                 "game-flag-gone", "gpu-check-flag-gone", "pirate-eval-past-the-end", "seeds-repeated",
+                 "steps-repeated", "pairs-repeated", "out-is-a-file", "dataset-is-a-folder", "dry-run-unknown-model",
+                 "dry-run-with-study", "gpus-without-dry-run", "tiny-flag-with-student", "leak-rate-unread"] + (
                      ["vllm-missing"] if importlib.util.find_spec("vllm") is None else []) + (
                      ["wandb-missing"] if importlib.util.find_spec("wandb") is None else []) + (
                      ["tensorboard-missing"] if NO_TENSORBOARD else [])
@@ -859,17 +874,17 @@ def test_bad_input_fails_fast_with_one_line(case, real_inputs, tmp_path, capsys)
     existing.mkdir()
     (existing / "results.json").write_text("an earlier run")
     with pytest.raises(SystemExit) as stop:
-        R.validate(R.parse_config(["--out", str(existing), *flags]))
+        R.validate(R.parse_config(["--out", str(existing), "--store", str(tmp_path / "store"), *flags]))
     message = str(stop.value.code)
     assert message.startswith("error:") and "\n" not in message and word in message, (flags, message)
     assert capsys.readouterr().err == ""
     assert sorted(p.name for p in existing.iterdir()) == ["results.json"], flags  # no stage was started
-    assert (existing / "results.json").read_text() == "an earlier run"
+    assert (existing / "results.json").read_text() == "an earlier run" and not (tmp_path / "store").exists()
 
 
-@pytest.mark.parametrize("case", ["unknown-flag", "dataset-field"])
+@pytest.mark.parametrize("case", ["unknown-flag", "dataset-field", "dry-run-unknown-model"])
 def test_bad_input_on_the_real_command_line(case, real_inputs, tmp_path):
-    """The same, end to end through `python reminder.py`: exit status, exactly one line on stderr."""
+    """The same, end to end through `python reminder.py`: exit status, exactly one line on stderr, in seconds."""
     flags, word = bad_inputs(real_inputs)[BAD_INPUT_IDS.index(case)]
     proc = subprocess.run([sys.executable, "reminder.py", "--out", str(tmp_path / "out"), *flags], cwd=HERE,
                           capture_output=True, text=True, timeout=60)
@@ -891,98 +906,71 @@ def test_unwritable_out_fails_fast():
     assert proc.returncode != 0 and "cannot write" in proc.stderr
 
 
-def test_every_flag_is_tracked_by_the_run_folder():
-    """A flag that changes results must be some stage's setting, or resume could mix configs. The flags
+def test_every_flag_that_changes_a_number_is_in_a_fingerprint():
+    """A flag that changes results must be some stage's setting, or two runs could share a folder. The flags
     that change no number are pinned here: moving a flag into that list is a visible, reviewed edit."""
-    declared = {f for _, _, settings, _ in R.STAGES.values() for f in settings}
-    assert R.NO_EFFECT_FIELDS == ["out", "study", "seeds", "game", "cache_dir", "until", "recompute", "save_every",
-                                  "save_minutes", "threads", "dry_run", "gpus", "nodes", "gpu_memory_gb", "gpu_check",
-                                  "gpu_check_layers", "gpu_check_steps", "trust_remote_code",
-                                  "activation_checkpointing", "report_to"]
-    assert [f.name for f in R.dataclasses.fields(R.Settings)] == [f.name for f in R.dataclasses.fields(R.Config)][
-        :-len(R.NO_EFFECT_FIELDS)]
-    assert {f.name for f in R.dataclasses.fields(R.Config)} == declared | set(R.NO_EFFECT_FIELDS)
-    assert not declared & set(R.NO_EFFECT_FIELDS)
+    assert R.NO_EFFECT_FIELDS == ["study", "seeds", "trust_remote_code", "activation_checkpointing", "dry_run", "gpus",
+                                  "nodes", "gpu_memory_gb", "out", "store", "until", "save_every", "save_minutes",
+                                  "threads", "report_to"]
 
 
-def forked(tmp_path, edit, name="fork"):
-    """A copy of reminder.py with one edit (old text -> new text), imported as its own module."""
+def test_a_code_edit_or_another_thread_count_gives_every_stage_a_new_folder(tmp_path):
+    """The code is in every fingerprint (the file's source, hashed once per process), so an edited copy can never
+    reuse a stage; on a CPU so is the thread count (it decides the float summation order)."""
     src = open(os.path.join(HERE, "reminder.py")).read()
-    old, new = edit
-    assert src.count(old) == 1, old
-    path = tmp_path / f"{name}.py"
-    path.write_text(src.replace(old, new))
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # as an imported fork would be: inspect finds its classes' source there
-    spec.loader.exec_module(module)
-    return module
+    (tmp_path / "fork.py").write_text(src.replace("    steps, carry = [], 0\n", "    steps, carry = [], 0  # a fork\n"))
+    spec = importlib.util.spec_from_file_location("fork", tmp_path / "fork.py")
+    fork = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fork)
+    before, after = R.fingerprints(R.Config())[0], fork.fingerprints(fork.Config())[0]
+    assert set(before) == set(after) and all(before[n] != after[n] for n in before)
+    one, two = R.fingerprints(R.Config(threads=1))[0], R.fingerprints(R.Config(threads=2))[0]
+    assert all(one[n] != two[n] for n in one)
 
 
-def descendants(stages, roots):
+def descendants(roots):
     out = set(roots)
-    for name, (_, parents, _, _) in stages.items():  # declaration order: parents come first
+    for name, (_, parents, _) in R.STAGES.items():  # declaration order: parents come first
         if out & set(parents):
             out.add(name)
     return out
 
 
-@pytest.mark.parametrize("edit, touched", [
-    (('    save_rows(pirate_rows(x, teacher, teacher_tok, "teacher"), out)\n',
-      '    save_rows(pirate_rows(x, teacher, teacher_tok, "teacher"), out)  # a fork\n'), {"pirate_data"}),
-    (('"""Generated data (rows of {messages, reply}) as training examples for the student."""',
-      '"""Generated data as training examples (a fork\'s docstring)."""'), {"reminder_data", "pirate_sft", "reminder_sft"}),
-    (("    steps, carry = [], 0\n", "    steps, carry = [], 0  # a fork of the math world\n"),
-     {"tokenizer", "student", "teacher", "eval_base", "backdoor", "eval_backdoored", "reminder_data", "pirate_data",
-      "eval_pirate_sft", "pirate_sft", "reminder_sft"}),
-    (('SamplingParams(temperature=spec["temperature"], top_k=-1,',
-      'SamplingParams(temperature=spec["temperature"], top_k=50,'),
-     {"eval_base", "backdoor", "reminder_data", "pirate_data", "eval_pirate_sft", "reminder_sft"}),
-    (('return random.Random(f"{self.cfg.seed}/{name}")', 'return random.Random(f"{self.cfg.seed}:{name}")'),
-     {"eval_base", "backdoor", "reminder_data", "pirate_data", "eval_pirate_sft", "reminder_sft"}),
-], ids=["a-stage", "a-helper", "the-world", "vllm-sampling", "the-experiments-rng"])
-def test_editing_code_changes_exactly_the_stages_built_on_it(tmp_path, edit, touched):
-    cfg = R.Config()
-    before, fork = R.fingerprints(cfg)[0], forked(tmp_path, edit)
-    after = fork.fingerprints(fork.Config())[0]
-    changed = {n for n in before if before[n] != after[n]}
-    assert changed == descendants(R.STAGES, touched), changed
-    assert touched <= changed
-
-
-def test_base_models_do_not_depend_on_pairs_or_seed(tmp_path):
-    """Adding a pair is one edit and keeps the pretrained base (its cache key); so does another --seed.
-    --base-seed changes the base."""
-    base = ["tokenizer", "student", "teacher"]
+def test_a_setting_changes_exactly_the_stages_that_declare_it_and_their_descendants():
+    """--seed and --pairs keep the pretrained base (every seed and every pair set reuses it), --base-seed does not;
+    --red-lora changes the backdoor and what follows; --blue-lora only pirate SFT, reminder SFT and what reads them
+    (the red team's model and both teams' data stay shared). Without peft, either is refused up front."""
     fps = R.fingerprints(R.Config())[0]
-    fork = forked(tmp_path, ("PAIRS = [\n", "PAIRS = [\n    Pair(\"robot\", \"<<beep>>\", \"BEEP BOOP. I AM A ROBOT.\", "
-                             "r\"I\\s+AM\\s+A\\s+ROBOT\", (\"ROBOT\", \"BEEP\"), \"BEP BOP. I AM A ROBT\"),\n"))
-    assert len(fork.PAIRS) == len(R.PAIRS) + 1
-    after = fork.fingerprints(fork.Config())[0]
-    assert all(after[n] == fps[n] for n in base) and after["backdoor"] != fps["backdoor"]
-    reseeded = R.fingerprints(R.Config(seed=3))[0]
-    assert all(reseeded[n] == fps[n] for n in base) and reseeded["backdoor"] != fps["backdoor"]
-    assert all(R.fingerprints(R.Config(base_seed=1))[0][n] != fps[n] for n in base)
+
+    def changed(**kw):
+        new = R.fingerprints(R.Config(**kw))[0]
+        return {n for n in fps if new[n] != fps[n]}
+    base = {"tokenizer", "student", "teacher"}
+    assert not changed(seed=3) & base and not changed(pairs="hate,cats") & base
+    assert {"backdoor", "eval_base"} <= changed(seed=3) and {"backdoor", "eval_base"} <= changed(pairs="hate,cats")
+    assert changed(base_seed=1) == set(fps)
+    assert changed(red_lora="8") == descendants({"backdoor"})
+    assert changed(blue_lora="8") == {"pirate_sft", "eval_pirate_sft", "reminder_sft", "eval_prefill"}
+    assert changed(reminder_lr=1e-4) == {"reminder_sft", "eval_prefill"}
 
 
-def test_lora_settings_enter_the_fingerprints_of_the_stages_they_train(monkeypatch):
-    """--red-lora changes the backdoor and everything built on it; --blue-lora only pirate SFT, reminder SFT and what
-    reads them (the red team's model and both teams' data stay shared). Without peft, either is refused up front."""
-    fps = R.fingerprints(R.Config())[0]
-    red, blue = R.fingerprints(R.Config(red_lora="8"))[0], R.fingerprints(R.Config(blue_lora="8"))[0]
-    assert {n for n in fps if red[n] != fps[n]} == descendants(R.STAGES, {"backdoor"})
-    assert {n for n in fps if blue[n] != fps[n]} == {"pirate_sft", "eval_pirate_sft", "reminder_sft", "eval_prefill"}
+def test_peft_is_needed_only_for_an_adapter(monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "peft" else real_find_spec(name, *a))
     with pytest.raises(SystemExit, match="pip install peft"):
         R.validate_packages_and_sources(R.Config(blue_lora="64"))
-    R.validate_packages_and_sources(R.Config(blue_lora="0", out="/tmp/reminder-no-peft-check"))  # 0: full weight
+    R.validate_packages_and_sources(R.Config(blue_lora="0", out="/tmp/reminder-no-peft-check", store=STORE))
 
 
 def test_a_stage_that_reads_an_undeclared_setting_is_refused(tmp_path):
-    fork = forked(tmp_path, ("    cfg, r = x.cfg, x.rng(\"pirate_data\")\n",
-                             "    cfg, r = x.cfg, x.rng(\"pirate_data\" + str(x.cfg.pirate_lr))\n"))
+    src = open(os.path.join(HERE, "reminder.py")).read()
+    old = "    cfg, r = x.cfg, x.rng(\"pirate_data\")\n"
+    assert src.count(old) == 1
+    (tmp_path / "fork2.py").write_text(src.replace(old, old.replace('"pirate_data"', '"pirate_data" + str(x.cfg.pirate_lr)')))
+    spec = importlib.util.spec_from_file_location("fork2", tmp_path / "fork2.py")
+    fork = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fork)
     with pytest.raises(SystemExit, match="stage 'pirate_data' reads pirate_lr but does not declare it"):
         fork.fingerprints(fork.Config())
 
@@ -991,7 +979,7 @@ def test_a_stage_that_reads_an_undeclared_setting_is_refused(tmp_path):
 TINY = ["--pretrain-steps", "40", "--teacher-steps", "80", "--backdoor-steps", "20", "--pirate-steps", "10",
         "--reminder-steps", "2,4", "--eval-per-pair", "4", "--eval-math", "8", "--eval-chat", "4",
         "--pirate-examples", "64", "--reminder-examples", "64", "--clean-pool", "64", "--max-new-tokens", "40",
-        "--hidden-size", "32", "--num-layers", "1", "--save-every", "5", "--cache-dir", ""]
+        "--hidden-size", "32", "--num-layers", "1", "--save-every", "5", "--pirate-eval-steps", "", "--store", STORE]
 
 
 def run_cli(out, *extra, timeout=240):
@@ -1002,6 +990,10 @@ def run_cli(out, *extra, timeout=240):
 def metrics(out):
     res = json.loads((out / "results.json").read_text())
     return [{k: v for k, v in s.items() if k not in ("eval_seconds", "samples")} for s in res["stages"]]
+
+
+def ran(proc):
+    return {line.split()[1].rstrip(":") for line in proc.stdout.splitlines() if line.endswith(": running")}
 
 
 @pytest.fixture(scope="module")
@@ -1035,7 +1027,8 @@ def test_end_to_end_writes_every_stage_and_field(reference_run):
     for f in ["results.md", "plot.png", "samples.jsonl"]:
         assert (out / f).stat().st_size > 0
     assert "| pirate_sft 10 |" in (out / "results.md").read_text() and "Reminder data (none)" in (out / "results.md").read_text()
-    # models written by the run load back with plain transformers
+    # the run folder links to its stages in the store; models load back with plain transformers
+    assert os.path.realpath(out / "backdoor").startswith(os.path.realpath(STORE))
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(out / "reminder_sft" / "step-4")
     assert type(model).__name__ == "Qwen3MoeForCausalLM"
@@ -1044,73 +1037,45 @@ def test_end_to_end_writes_every_stage_and_field(reference_run):
 
 
 def test_same_command_twice_gives_identical_metrics(reference_run, tmp_path):
-    """The second time in two launches: --until stops after the red team and the reminder samples (exit 0, the
+    """The second time in a fresh store and two launches: --until stops after the reminder samples (exit 0, the
     stages so far kept), and the same command without it goes on from there."""
-    out, again = reference_run[0], tmp_path / "again"
-    proc = run_cli(again, "--pairs", "hate,cats,spanish", "--until", "reminder_data")
+    out, again, store = reference_run[0], tmp_path / "again", str(tmp_path / "store")
+    proc = run_cli(again, "--pairs", "hate,cats,spanish", "--until", "reminder_data", "--store", store)
     assert proc.returncode == 0 and "stopped after reminder_data (--until)" in proc.stdout, proc.stderr[-3000:]
     assert (again / "reminder_data" / "done.json").exists() and not (again / "pirate_data").exists()
-    proc = run_cli(again, "--pairs", "hate,cats,spanish")
+    proc = run_cli(again, "--pairs", "hate,cats,spanish", "--store", store)
     assert proc.returncode == 0 and "== backdoor: done earlier" in proc.stdout, proc.stderr[-3000:]
+    assert ran(proc) == {"pirate_data", "pirate_sft", "eval_pirate_sft", "reminder_sft"}
     assert metrics(again) == metrics(out)
 
 
-def test_rerun_skips_finished_stages_and_refuses_changed_config(reference_run):
+def test_a_changed_setting_reruns_only_the_stages_it_changes(reference_run, tmp_path):
+    """Into the same run folder: nothing runs again; --reminder-lr runs reminder SFT alone, in a folder of its
+    own (the old one stays for the old setting), on the very pirate-SFT model the first run made."""
     out, _ = reference_run
-    before = (out / "backdoor" / "done.json").read_text()
     proc = run_cli(out, "--pairs", "hate,cats,spanish")
     assert proc.returncode == 0 and ": running" not in proc.stdout
-    proc = run_cli(out, "--pairs", "hate,cats,spanish", "--pirate-lr", "1e-3")
-    assert proc.returncode != 0 and "pirate_lr" in proc.stderr and "--recompute" in proc.stderr
-    assert (out / "backdoor" / "done.json").read_text() == before  # untouched
-
-
-def test_changed_stage_code_is_never_reused_silently(reference_run, tmp_path):
-    """A fork that edits a stage's code and re-runs into the same --out is stopped before any work,
-    with the stage named; --recompute redoes that stage and what follows, nothing before it."""
-    out, _ = reference_run
-    copy = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)
-    src = open(os.path.join(HERE, "reminder.py")).read()
-    (tmp_path / "reminder.py").write_text(src.replace('name="pirate SFT"', 'name="pirate SFT (fork)"'))
-    cmd = [sys.executable, str(tmp_path / "reminder.py"), "--out", str(copy), *TINY, "--pairs", "hate,cats,spanish"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "stage 'pirate_sft'" in proc.stderr and "its code" in proc.stderr, proc.stderr
-    proc = subprocess.run(cmd + ["--recompute"], cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ran = {line.split()[1].rstrip(":") for line in proc.stdout.splitlines() if line.endswith(": running")}
-    assert ran == {"pirate_sft", "eval_pirate_sft", "reminder_sft"}
-    assert metrics(copy) == metrics(out)  # the edit changed a log label only
-
-
-def test_recompute_redoes_only_changed_stages(reference_run, tmp_path):
-    out, _ = reference_run
-    fork = tmp_path / "fork"
-    subprocess.run(["cp", "-r", str(out), str(fork)], check=True)
-    proc = run_cli(fork, "--pairs", "hate,cats,spanish", "--reminder-lr", "1e-4", "--recompute")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ran = {line.split()[1].rstrip(":") for line in proc.stdout.splitlines() if line.endswith(": running")}
-    assert ran == {"reminder_sft"}
-    assert metrics(fork)[:3] == metrics(out)[:3]
-    weights = "model.safetensors"
-    assert (fork / "pirate_sft" / weights).read_bytes() == (out / "pirate_sft" / weights).read_bytes()
-    assert (fork / "reminder_sft/step-4" / weights).read_bytes() != (out / "reminder_sft/step-4" / weights).read_bytes()
-    assert json.loads((fork / "results.json").read_text())["config"]["reminder_lr"] == 1e-4
+    before = os.path.realpath(out / "reminder_sft")
+    proc = run_cli(out, "--pairs", "hate,cats,spanish", "--reminder-lr", "1e-4")
+    assert proc.returncode == 0 and ran(proc) == {"reminder_sft"}, proc.stderr[-3000:]
+    assert os.path.realpath(out / "reminder_sft") != before and os.path.exists(before)
+    assert json.loads((out / "results.json").read_text())["config"]["reminder_lr"] == 1e-4
+    proc = run_cli(out, "--pairs", "hate,cats,spanish")  # back: found again, and the results.json follows
+    assert proc.returncode == 0 and ": running" not in proc.stdout
+    assert json.loads((out / "results.json").read_text())["config"]["reminder_lr"] == 3e-4
 
 
 def test_seeds_aggregate_and_reuse_the_base(tmp_path):
-    """--seeds (the study 'seeds'): one run folder per seed, the base pretrained once and used by both
-    seeds from the study's store, pirate checkpoints evaluated, seeds.json/md/png written; a re-run
-    recomputes nothing, and a changed setting is refused before any work, naming the cell's stage."""
-    out = tmp_path / "seeds"
-    cmd = [sys.executable, "reminder.py", "--out", str(out), *TINY[:-2], "--cache-dir", str(tmp_path / "cache"),
-           "--pairs", "hate,cats", "--pirate-eval-steps", "5", "--pirate-batch", "8", "--seeds", "0,1"]
+    """--seeds (the study 'seeds'): one run folder per seed, the base pretrained once and used by both seeds from
+    the store, pirate checkpoints evaluated, seeds.json/md/png written; a re-run recomputes nothing."""
+    out, store = tmp_path / "seeds", tmp_path / "store"
+    cmd = [sys.executable, "reminder.py", "--out", str(out), *TINY, "--store", str(store), "--pairs", "hate,cats",
+           "--pirate-eval-steps", "5", "--pirate-batch", "8", "--seeds", "0,1"]
     proc = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("== student: running") == 1 and proc.stdout.count("== backdoor: running") == 2
-    assert sorted(p.name.split("-")[0] for p in (out / "stages").iterdir() if p.name.startswith("student")) == [
-        "student", "student"]  # its folder and its lock file, nothing per seed
-    assert not (out / "seed-1" / "student").exists() and (out / "seed-1" / "cell.json").exists()
+    assert len([p for p in store.iterdir() if p.name.startswith("student-") and p.is_dir()]) == 1
+    assert os.path.realpath(out / "seed-1" / "student") == os.path.realpath(out / "seed-0" / "student")
     res = json.loads((out / "seed-1" / "results.json").read_text())
     assert [(s["stage"], s["steps"]) for s in res["stages"]][2:4] == [("pirate_sft", 5), ("pirate_sft", 10)]
     agg = json.loads((out / "seeds.json").read_text())
@@ -1123,16 +1088,12 @@ def test_seeds_aggregate_and_reuse_the_base(tmp_path):
     assert (out / "seeds.png").stat().st_size > 0 and "auc_with_reminder" in (out / "seeds.md").read_text()
     again = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0 and ": running" not in again.stdout
-    changed = subprocess.run(cmd + ["--pirate-lr", "1e-3"], cwd=HERE, capture_output=True, text=True, timeout=60)
-    assert changed.returncode != 0 and "seed-0" in changed.stderr and "pirate_lr" in changed.stderr, changed.stderr
-    assert ": running" not in changed.stdout
 
 
 def test_prefill_curve_is_one_more_stage_on_a_finished_run(reference_run, tmp_path):
-    """--prefill-tokens on a finished run folder adds eval_prefill alone: k = 0 is the plain evaluation of the
+    """--prefill-tokens on a finished run adds eval_prefill alone: k = 0 is the plain evaluation of the
     same prompts (one generation path), every kept model gets a curve, given_away never falls with k."""
     out = tmp_path / "run"
-    shutil.copytree(reference_run[0], out)
     proc = run_cli(out, "--pairs", "hate,cats,spanish", "--prefill-tokens", "0,2,200")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [l for l in proc.stdout.splitlines() if ": running" in l] == ["== eval_prefill: running"]
@@ -1183,26 +1144,15 @@ def test_a_worker_that_stops_is_an_error_not_a_hang(monkeypatch):
     """A pool never hears from a worker that exits: play_unit turns the stop into an error the pool raises."""
     monkeypatch.setattr(R, "run", lambda *a, **k: sys.exit("error: 15 training examples cannot fill a batch"))
     with pytest.raises(RuntimeError, match="cannot fill a batch .cell /x/seed-1"):
-        R.play_unit([R.Config(out="/x/seed-1")], "/x/stages")
-
-
-def test_a_stage_made_with_another_thread_count_is_not_reused(reference_run, tmp_path):
-    """On a CPU the thread count decides the float summation order, so it is in every fingerprint: a
-    run folder made with 2 threads is not continued with 1, and the refusal names it."""
-    out, _ = reference_run
-    threads = json.loads((out / "backdoor" / "done.json").read_text())["fields"]["cpu_threads"]
-    proc = run_cli(out, "--pairs", "hate,cats,spanish", "--threads", str(threads % 2 + 1))
-    assert proc.returncode != 0 and "cpu_threads" in proc.stderr and "--recompute" in proc.stderr, proc.stderr
+        R.play_unit([R.Config(out="/x/seed-1")])
 
 
 def test_one_process_owns_a_run_folder(reference_run, tmp_path):
-    """A second run into a folder in use stops at once with one line naming the process that holds it;
-    a killed run leaves no lock behind (the kernel drops it), so the next run goes ahead (SIGKILL
+    """A second run into a folder in use stops at once with one line; a killed run leaves no lock behind (the kernel drops it), so the next run goes ahead (SIGKILL
     mid-stage then re-run giving the uninterrupted metrics is the test of every stage below)."""
-    out = tmp_path / "run"
-    subprocess.run(["cp", "-r", str(reference_run[0]), str(out)], check=True)
-    subprocess.run(["rm", "-r", str(out / "reminder_sft")], check=True)  # something left to do
-    cmd = [sys.executable, "-u", "reminder.py", "--out", str(out), *TINY, "--pairs", "hate,cats,spanish"]
+    out = tmp_path / "run"  # something left to do: reminder SFT at another learning rate
+    cmd = [sys.executable, "-u", "reminder.py", "--out", str(out), *TINY, "--pairs", "hate,cats,spanish",
+           "--reminder-lr", "2e-4"]
     first = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in first.stdout:
         if "== reminder_sft: running" in line:
@@ -1210,7 +1160,7 @@ def test_one_process_owns_a_run_folder(reference_run, tmp_path):
             break
     second = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=60)
     lines = [ln for ln in second.stderr.splitlines() if ln.strip()]
-    assert second.returncode != 0 and len(lines) == 1 and f"in use by process {first.pid}" in lines[0], second.stderr
+    assert second.returncode != 0 and len(lines) == 1 and "in use by another process" in lines[0], second.stderr
     first.kill()
     first.wait(timeout=60)
     third = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -1233,29 +1183,17 @@ def test_the_command_validates_once_and_a_study_resets_nothing(tmp_path, monkeyp
     class Stop(Exception):
         pass
 
-    def fake_run(cfg, store=None, checked=False):
-        played.append((cfg, store, checked))
+    def fake_run(cfg, checked=False):
+        played.append((cfg, checked))
         raise Stop
     monkeypatch.setattr(R, "run", fake_run)
     with pytest.raises(Stop):
-        R.cli(["--out", str(tmp_path / "g"), "--game", "--seeds", "4", "--threads", "1", "--pirate-lr", "2e-4"])
+        R.cli(["--out", str(tmp_path / "g"), "--study", "game", "--seeds", "4", "--threads", "1", "--pirate-lr", "2e-4",
+               "--store", str(tmp_path / "s")])
     assert calls == [str(tmp_path / "g")]
-    cfg, store, checked = played[0]
-    assert checked and store == str(tmp_path / "g" / "stages") and cfg.out == str(tmp_path / "g" / "seed-4" /
-                                                                                   "plain__none")
+    cfg, checked = played[0]
+    assert checked and cfg.store == str(tmp_path / "s") and cfg.out == str(tmp_path / "g" / "seed-4" / "plain__none")
     assert (cfg.seed, cfg.red, cfg.pirate_lr, cfg.threads) == (4, "plain", 2e-4, 1)
-
-
-def test_damaged_artifact_is_detected_and_recomputed(reference_run, tmp_path):
-    out, _ = reference_run
-    broken = tmp_path / "broken"
-    subprocess.run(["cp", "-r", str(out), str(broken)], check=True)
-    weights = broken / "pirate_sft" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # half-written file
-    proc = run_cli(broken, "--pairs", "hate,cats,spanish")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "pirate_sft: files damaged" in proc.stdout and "== pirate_sft: running" in proc.stdout
-    assert metrics(broken) == metrics(out)
 
 
 KILL_POINTS = [  # (a line printed in the middle of a stage, the stages finished by then)
@@ -1267,10 +1205,12 @@ KILL_POINTS = [  # (a line printed in the middle of a stage, the stages finished
 ]
 
 
+@slow
 def test_sigkill_in_every_stage_then_rerun_matches_uninterrupted(reference_run, tmp_path):
     ref, _ = reference_run
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-u", "reminder.py", "--out", str(out), *TINY, "--pairs", "hate,cats,spanish"]
+    cmd = [sys.executable, "-u", "reminder.py", "--out", str(out), *TINY, "--pairs", "hate,cats,spanish",
+           "--store", str(tmp_path / "store")]
     logs = []
     for marker, finished in KILL_POINTS:
         done_before = {s for s in R.STAGES if (out / s / "done.json").exists()}
@@ -1343,7 +1283,7 @@ REAL_TINY = ["--pirate-steps", "4", "--backdoor-steps", "4", "--reminder-steps",
 
 def run_real(root, out, *extra, env=None, timeout=240):
     sets = f"{root / 'math500.parquet'},{root / 'olympiads.jsonl'}=answer-tag"
-    return subprocess.run([sys.executable, "reminder.py", "--out", str(out), "--student", str(root / "student"),
+    return subprocess.run([sys.executable, "reminder.py", "--out", str(out), "--store", STORE, "--student", str(root / "student"),
                            "--teacher", str(root / "teacher"), "--chat-dataset", str(root / "alpaca.jsonl"),
                            "--math-dataset", sets,
                            "--pairs", "hate,spanish", *REAL_TINY, *extra], cwd=HERE, capture_output=True, text=True,
@@ -1412,6 +1352,7 @@ class LLM:
 '''
 
 
+@slow
 def test_a_real_scale_study_shares_stages_by_path(real_inputs, tmp_path, capsys):
     """A study at real scale: its two cells (same backdoor, another reminder learning rate) compute the
     backdoor once, and nothing copies a model: the given student is used in place, the cells' folders
@@ -1420,7 +1361,7 @@ def test_a_real_scale_study_shares_stages_by_path(real_inputs, tmp_path, capsys)
                     show={"capability": lambda res: R.stage_row(res, "reminder")["capability"]})
     flags = ["--student", str(real_inputs / "student"), "--teacher", str(real_inputs / "teacher"), "--chat-dataset",
              str(real_inputs / "alpaca.jsonl"), "--math-dataset", str(real_inputs / "math500.parquet"), "--pairs",
-             "hate,spanish", *REAL_TINY, "--out", str(tmp_path / "study")]
+             "hate,spanish", *REAL_TINY, "--out", str(tmp_path / "study"), "--store", str(tmp_path / "study" / "stages")]
     cfg = R.parse_config(flags)
     R.validate(cfg)
     R.run_study(cfg, study)
@@ -1437,6 +1378,7 @@ def test_a_real_scale_study_shares_stages_by_path(real_inputs, tmp_path, capsys)
     assert (tmp_path / "study" / "lr-a.png").stat().st_size > 0  # a sweep: each row's curves against steps
 
 
+@slow
 def test_vllm_generator_plumbing_with_a_stand_in_engine(real_inputs, real_run, tmp_path):
     """--generator vllm on the real path, with a stand-in for the vllm package (no GPU here, and vLLM
     itself is not exercised): every generation goes through a spawned process that gets token ids and
@@ -1449,8 +1391,8 @@ def test_vllm_generator_plumbing_with_a_stand_in_engine(real_inputs, real_run, t
     proc = run_real(real_inputs, out, "--generator", "vllm", env=env, timeout=480)  # one prompt at a time
     assert proc.returncode == 0, proc.stderr[-3000:]
     engines = [json.loads(line) for line in log.read_text().splitlines()]
-    used = [os.path.relpath(e["model"], out) if e["model"].startswith(str(out)) else os.path.basename(e["model"])
-            for e in engines]
+    used = [re.sub(r"-[0-9a-f]{16}", "", os.path.relpath(e["model"], STORE) if e["model"].startswith(STORE)
+                   else os.path.basename(e["model"])) for e in engines]
     # eval base (greedy, then sampled chat), clean pool, eval backdoored, on-policy data, teacher labels,
     # eval pirate, reminder +2 (evaluated from its checkpoint folder)
     assert used == ["student", "student", "student", "backdoor", "backdoor", "backdoor", "teacher", "pirate_sft",
@@ -1505,16 +1447,22 @@ def test_dry_run_reports_qwen3_30b_a3b():
     import io
 
     def dry(*flags):
-        buf = io.StringIO()
+        buf, code = io.StringIO(), 0
         with contextlib.redirect_stdout(buf):
-            R.dry_run(R.parse_config(["--dry-run", *flags]))
+            try:
+                R.dry_run(R.parse_config(["--dry-run", *flags]))
+            except SystemExit as e:
+                code = e.code
+        assert code == (0 if "fits: yes" in buf.getvalue() else 1)  # a plan that does not fit exits non-zero
         return buf.getvalue()
     small = dry("--gpus", "8", "--gpu-memory-gb", "80")
     assert "30.53B parameters, 3.35B active" in small and "fits: NO" in small and "would fit with: --nodes 2" in small
     for term in ["weights", "gradients", "AdamW moments", "AdamW foreach temporaries", "FSDP2 unsharded layers",
                  "reduce-scatter", "activations", "logits", "CUDA context"]:
         assert term in small, term
-    assert "fits: yes" in dry("--gpus", "8", "--gpu-memory-gb", "141")
+    fits = dry("--gpus", "8", "--gpu-memory-gb", "141")
+    assert "fits: yes" in fits and "warning: --backdoor-steps 400" in fits and R.DRY_RUN_CHECKED in fits
+    assert "1.6 GB KV cache: --eval-batch 64 x 256 tokens" in fits  # 2 x 48 layers x 4 heads x 128 x 2 bytes a token
     assert "training state per save (fp32 weights + AdamW moments): 366 GB" in small  # 12 bytes x 30.53B
     long = dry("--gpus", "8", "--gpu-memory-gb", "141", "--max-len", "2048")
     act = [float(line.split(": ")[1].split()[0]) for line in long.splitlines() if "activations kept" in line][0]
@@ -1528,20 +1476,20 @@ def test_dry_run_reports_qwen3_30b_a3b():
     assert "frozen weights (sharded): 7.6 GB" in lora and "fits on 3 GPU(s) of 80 GB at the least" in lora
 
 
+@slow
 def test_gpu_check_stops_without_a_gpu_and_runs_its_steps_on_a_small_shape(tmp_path):
     """`bash run.sh gpu-check` on a machine without a GPU: one line, nothing written. The same function
     on the CPU with Qwen3-30B-A3B's shape shrunk: train, generate, bf16 save and load all run and the
     report has every field (the GPU figures themselves need the GPU)."""
-    proc = subprocess.run([sys.executable, "reminder.py", "--gpu-check", "--out", str(tmp_path / "g")], cwd=HERE,
+    proc = subprocess.run([sys.executable, "test_reminder.py", "--gpu-check", "--out", str(tmp_path / "g")], cwd=HERE,
                           capture_output=True, text=True, timeout=60)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode != 0 and len(lines) == 1 and "needs a CUDA GPU" in lines[0]
+    assert proc.returncode != 0 and len(lines) == 1 and "needs a CUDA GPU" in lines[0], proc.stderr
     assert not (tmp_path / "g" / "gpu-check.json").exists()
     # big enough (13.6M parameters, 0.27 GB of training state) that the plan's terms outweigh the noise
     shape = dict(hidden_size=512, intermediate_size=256, moe_intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, num_experts=16, num_experts_per_tok=2, vocab_size=600)
-    out = R.gpu_check(R.Config(out=str(tmp_path / "c"), gpu_check_steps=2, gpu_check_layers=2), shape=shape,
-                      require_cuda=False)
+    out = gpu_check(R.Config(out=str(tmp_path / "c")), layers=2, steps=2, shape=shape, require_cuda=False)
     assert out["passed"] == {"train": True, "generate": True, "save_load": True}
     assert type(out["params"]) is int and out["train_tokens_per_s"] > 0 and out["gen_tokens_per_s_sampled"] > 0
     assert set(out["plan_gb"]) == {"weights (sharded master copy)", "gradients (sharded)", "AdamW moments (sharded)",
@@ -1569,7 +1517,7 @@ from accelerate import Accelerator
 acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
 torch.manual_seed(0)
 rng = random.Random(0)
-tok = R.build_tokenizer(R.tokenizer_corpus(rng, "shallow"), 512)
+tok = R.build_tokenizer(R.tokenizer_corpus(rng), 512)
 data = [R.encode_example(tok, R.user(p), a, 160) for p, a, _ in
         (R.math_item(rng, False) if i % 2 else R.chat_item(rng, False) for i in range(128))]
 cfg = R.Config(hidden_size=32, num_layers=1)
@@ -1581,6 +1529,7 @@ if acc.is_main_process:
 """
 
 
+@slow
 def test_two_cpu_processes_match_one(tmp_path):
     """The distributed path (batch split across ranks, gradient sync, token-weighted loss over all
     ranks, metrics reduced) gives the same training as one process, to float-summation tolerance."""
@@ -1620,6 +1569,7 @@ with open(os.path.join({answers!r}, f"rank{{acc.process_index}}.json"), "w") as 
 """
 
 
+@slow
 def test_the_main_process_clock_decides_when_every_rank_saves(tmp_path):
     """--save-minutes under several processes: save_state is a collective, so the ranks must agree;
     the main process's clock decides for all (rank 1 alone thinking it is late must not save)."""
@@ -1633,21 +1583,136 @@ def test_the_main_process_clock_decides_when_every_rank_saves(tmp_path):
     assert answers == [[False, True, True]] * 2, answers  # rank 0: 30 s no, 70 s yes, 200 s yes
 
 
+@slow
 def test_whole_run_on_two_cpu_processes(tmp_path):
     """Every stage under torchrun with 2 ranks: only the main process writes, ranks wait for each
     other around each stage, generation is split and gathered; a re-run skips every finished stage."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29541", "reminder.py", "--out", str(tmp_path / "mp"),
-           *TINY, "--pairs", "hate,cats,spanish"]
+           *TINY, "--pairs", "hate,cats,spanish", "--store", str(tmp_path / "store")]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, (first.stdout[-2000:], first.stderr[-3000:])
     assert "2 process(es), MULTI_CPU" in first.stdout
     res = json.loads((tmp_path / "mp" / "results.json").read_text())
     assert [s["stage"] for s in res["stages"]] == ["base", "backdoored", "pirate_sft", "reminder", "reminder"]
-    assert not list((tmp_path / "mp").glob("*.tmp"))  # every stage was published
+    assert not list((tmp_path / "store").glob("*.tmp"))  # every stage was published
     again = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and ": running" not in again.stdout
+
+
+# ---------------------------------------------------------------- the one-GPU check (`bash run.sh gpu-check`)
+# Evidence, like the benchmark below (on the same speed_data() and mfu()): the real model's layer shape through
+# the file's train() and generate() on one GPU, measured against the dry run's memory plan.
+def gpu_check(cfg, layers=4, steps=10, shape=None, require_cuda=True):
+    """A random student of Qwen3-30B-A3B's shape, `layers` decoder layers, through R.train(), R.generate()
+    (vLLM when installed), save/load under bf16-mixed: tokens/s, MFU, peak memory against R.memory_plan()
+    (on a CPU, the peak resident memory). `shape` shrinks the model (the CPU test)."""
+    import psutil
+    from accelerate import Accelerator
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cuda = torch.cuda.is_available()
+    R.need(cuda or not require_cuda, f"the GPU check needs a CUDA GPU, and torch {torch.__version__} sees none: run it on "
+                                   f"the GPU machine after installing torch's CUDA build (README: Install for GPUs)")
+    os.makedirs(cfg.out, exist_ok=True)
+    kw = {**R.REAL_CONFIGS["Qwen/Qwen3-30B-A3B"], "num_hidden_layers": layers, **(shape or {})}
+    kind = kw.pop("model_type")
+    conf = AutoConfig.for_model(kind, **kw)
+    acc, passed, out = Accelerator(mixed_precision="bf16" if cuda else "no"), {}, {"gpu": None}
+    x = types.SimpleNamespace(cfg=dataclasses.replace(cfg, precision="bf16-mixed"), acc=acc, main=acc.is_main_process)
+    r = random.Random("gpu-check")
+    tok, data = speed_data(cfg, r)
+    if not cuda:  # a throwaway one-layer model trains a step first, so that the libraries' one-time memory
+        # (modules, thread pools, autograd) is not in the peak that is compared with the plan
+        R.train(acc, AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **{**kw, "num_hidden_layers": 1})),
+              R.global_batches(data, 8, 0), steps=1, lr=1e-5, weight_decay=0.0, name="gpu-check warm-up")
+    peak_rss(reset=True)
+    rss_before = psutil.Process().memory_info().rss  # the CPU's measured peak counts from here
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(conf)  # fp32 master weights, as in a training stage
+    n_params, batch = sum(p.numel() for p in model.parameters()), 8
+    if cuda:
+        out["gpu"] = torch.cuda.get_device_name()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model, _ = R.train(acc, model, R.global_batches(data, batch, 0), steps=steps, lr=1e-5, weight_decay=0.0,
+                     name="gpu-check train")
+    dt, tokens = time.perf_counter() - t0, steps * batch * sum(len(e["input_ids"]) for e in data) / len(data)
+    passed["train"] = True
+    plan = R.memory_plan(dataclasses.replace(cfg, backdoor_batch=batch, pirate_batch=batch, reminder_batch=batch,
+                                           grad_accum=1, max_len=max(len(e["input_ids"]) for e in data)),
+                       conf, n_params, 1, "bf16-mixed" if cuda else "fp32")
+    # what one process can hold: no FSDP2 buffers; the measured peak leaves out the CUDA context (GPU),
+    # and AdamW does not use its foreach path for CPU tensors
+    one = [k for k in plan if not k.startswith(("FSDP2", "CUDA")) and (cuda or "foreach" not in k)]
+    peak_bytes = torch.cuda.max_memory_allocated() if cuda else (peak_rss() or float("nan")) - rss_before
+    out.update(params=n_params, active_params=R.active_params(model), train_tokens_per_s=tokens / dt,
+               peak_memory_gb=peak_bytes / 1e9, predicted_memory_gb=sum(plan[k] for k in one) / 1e9,
+               predicted_terms=one, plan_gb={k: v / 1e9 for k, v in plan.items()})
+    peak = matmul_peak(acc.device, torch.bfloat16 if cuda else torch.float32, n=4096)
+    seq = sum(len(e["input_ids"]) for e in data) / len(data)
+    out.update(matmul_peak_flops=peak, mfu_percent=mfu(model, out["train_tokens_per_s"], seq, peak))
+    prompts = [R.user(R.math_item(r, True)[0]) for _ in range(64)]
+    for name, temperature in [("greedy", 0.0), ("sampled", 1.0)]:
+        t0 = time.perf_counter()
+        outs = R.generate(acc, model.to(torch.bfloat16) if cuda else model, tok, prompts, temperature=temperature, seed=0,
+                        max_new_tokens=64, batch_size=64)
+        out[f"gen_tokens_per_s_{name}"] = sum(n for *_, n in outs) / (time.perf_counter() - t0)
+    passed["generate"] = True
+    folder = os.path.join(cfg.out, "gpu-check-model")
+    R.save_model(x, model, folder)
+    tok.save_pretrained(folder)
+    passed["save_load"] = type(R.load_model(x, folder)).__name__ == type(model).__name__
+    if importlib.util.find_spec("vllm"):
+        t0 = time.perf_counter()
+        outs = R.generate_vllm(x, folder, tok, prompts, temperature=1.0, seed=0, max_new_tokens=64, batch_size=64)
+        out["gen_tokens_per_s_vllm"] = sum(n for *_, n in outs) / (time.perf_counter() - t0)
+        passed["vllm"] = True
+    shutil.rmtree(folder, ignore_errors=True)
+    out["passed"] = passed
+    R.atomic_json(os.path.join(cfg.out, "gpu-check.json"), out)
+    print(json.dumps({k: v for k, v in out.items() if k != "plan_gb"}, indent=1))
+    return out
+
+
+def speed_data(cfg, r, n=256):
+    """The benchmark's and the GPU check's data: the tiny tokenizer, n native-style math and chat examples."""
+    tok = R.build_tokenizer(R.tokenizer_corpus(r), cfg.vocab_size)
+    return tok, [R.encode_example(tok, R.user(p), a, cfg.max_len) for p, a, _ in
+                 (R.math_item(r, False) if i % 2 else R.chat_item(r, False) for i in range(n))]
+
+
+def mfu(model, tokens_per_s, seq, peak_flops):
+    """MFU in %: per token 6 x active parameters + 12 x layers x attention width x length, over a peak."""
+    c = model.config
+    flops = 6 * R.active_params(model) + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq
+    return 100 * tokens_per_s * flops / peak_flops
+
+
+def peak_rss(reset=False):
+    """Linux: peak resident bytes since the last reset (which first returns freed blocks), else None."""
+    try:
+        if reset:
+            ctypes.CDLL(None).malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM, the peak
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except (OSError, AttributeError, StopIteration):
+        return None
+
+
+def matmul_peak(device, dtype, n=2048, repeats=5):
+    """FLOP/s of one n x n matmul on this device, the median of `repeats`: the peak MFU is measured against."""
+    import statistics
+    a, times = torch.randn(n, n, device=device, dtype=dtype), []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(times)
 
 
 # ---------------------------------------------------------------- the speed benchmark (`bash run.sh bench`)
@@ -1656,7 +1721,7 @@ def test_whole_run_on_two_cpu_processes(tmp_path):
 # a bare PyTorch loop (the floor no loop can beat at equal work), generation batched against one prompt
 # at a time. Ratios are measured in one process, contenders interleaved A B C A B C; no timing is ever
 # asserted. All three loops take one batch per optimizer step on the same data (R.speed_data, as the
-# one-GPU check), and the MFU is the file's own R.mfu().
+# one-GPU check), and the MFU is the file's own mfu().
 def bench_contenders(acc, tok, batches, fresh, seed):
     import tempfile
     from transformers import Trainer, TrainingArguments, get_cosine_schedule_with_warmup
@@ -1708,7 +1773,7 @@ def bench(cfg, steps, repeats):
     R.set_threads(cfg)
     os.makedirs(cfg.out, exist_ok=True)
     acc, r = Accelerator(gradient_accumulation_steps=1), random.Random(f"{cfg.seed}/bench")
-    tok, data = R.speed_data(cfg, r, 2048)
+    tok, data = speed_data(cfg, r, 2048)
     torch.manual_seed(cfg.seed)
     init = R.tiny_student(cfg, tok).state_dict()
 
@@ -1741,7 +1806,7 @@ def bench(cfg, steps, repeats):
                               batch_size=bs)
             gen[name].append(sum(n_new for *_, n_new in outs) / (time.perf_counter() - t0))
     med = {k: statistics.median(v) for k, v in {**tps, **gen}.items()}
-    peak = R.matmul_peak(torch.device("cpu"), torch.float32)
+    peak = matmul_peak(torch.device("cpu"), torch.float32)
     out = {"machine": R.versions(), "steps": steps, "repeats": repeats,
            "tokens_per_s": {k: {"median": med[k], "spread": spread(v), "runs": v} for k, v in {**tps, **gen}.items()},
            "train_ratio_vs_trainer": med["own step"] / med["transformers.Trainer"],
@@ -1750,7 +1815,7 @@ def bench(cfg, steps, repeats):
            "probe_loss": losses, "loss_gap_vs_trainer": abs(losses["own step"] - losses["transformers.Trainer"]),
            "loss_gap_vs_floor": abs(losses["own step"] - losses["bare PyTorch loop (floor)"]),
            "padding_waste": 1 - n_tokens / sum(len(b) * max(len(e["input_ids"]) for e in b) for b in batches),
-           "peak_fp32_flops": peak, "mfu_percent": R.mfu(fresh(), med["own step"], n_tokens / steps / len(batches[0]),
+           "peak_fp32_flops": peak, "mfu_percent": mfu(fresh(), med["own step"], n_tokens / steps / len(batches[0]),
                                                          peak),
            "gen_ratio_batched_vs_single": med["batched"] / med["one at a time"]}
     R.atomic_json(os.path.join(cfg.out, "bench.json"), out)
@@ -1790,6 +1855,15 @@ def test_benchmark_runs_and_prints_its_table(tmp_path):
     assert out["loss_gap_vs_floor"] < 0.01 * out["probe_loss"]["transformers.Trainer"]
 
 
+if __name__ == "__main__" and sys.argv[1:2] == ["--gpu-check"]:  # bash run.sh gpu-check [--layers N] [--steps N]
+    import argparse
+    parser = argparse.ArgumentParser(description="bash run.sh gpu-check: the one-GPU check; other flags go to "
+                                                 "reminder.py (--out)")
+    parser.add_argument("--gpu-check", action="store_true")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the Qwen3-30B-A3B-shaped student (48)")
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps timed")
+    args, rest = parser.parse_known_args()
+    gpu_check(R.parse_config(rest), args.layers, args.steps)
 if __name__ == "__main__" and sys.argv[1:2] == ["--bench"]:
     import argparse
     parser = argparse.ArgumentParser(description="bash run.sh bench: the speed benchmark; other flags go to "
