@@ -1777,6 +1777,7 @@ def read_json(path):
         return json.load(f)
 
 
+@contextlib.contextmanager
 def hold(path, wait=False):
     """An exclusive lock on `path` (filelock: the kernel drops it when the process ends, SIGKILL too). Without
     wait, a lock another process holds stops this one with one line."""
@@ -1787,7 +1788,10 @@ def hold(path, wait=False):
         lock.acquire(timeout=-1 if wait else 0)
     except Timeout:
         sys.exit(f"error: {os.path.dirname(path)} is in use by another process; wait for it, or choose another --out")
-    return lock
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # ---- the store: a stage is computed into <store>/<stage>-<fingerprint>.tmp (where a killed run resumes), then
@@ -1797,7 +1801,7 @@ class Experiment:
     runs the stages: do(stage) computes one once into the store (or finds it there)."""
 
     def __init__(self, cfg, acc):
-        self.cfg, self.acc, self.data, self._tok, self.lock = cfg, acc, None, None, None
+        self.cfg, self.acc, self.data, self._tok = cfg, acc, None, None
         self.fps, self.fields = fingerprints(cfg)
         self.paths, self.seconds, self.t_start = {}, {}, time.perf_counter()
 
@@ -1880,23 +1884,19 @@ def experiment(cfg, checked=False):
     if not checked:
         validate(cfg)  # first: a bad flag costs a second, before the heavy imports
     # one process owns a run folder (RANK: the accelerator, which sets up the process group, comes later)
-    lock = hold(os.path.join(cfg.out, ".lock")) if int(os.environ.get("RANK", "0")) == 0 else None
-    from accelerate.utils import set_seed
-    quiet_libraries()
-    set_threads(cfg)
-    x = Experiment(cfg, make_accelerator(cfg))
-    if cfg.report_to:
-        x.acc.init_trackers("reminder", config=dataclasses.asdict(cfg))
-    if cfg.student and torch.cuda.device_count() > x.acc.num_processes:
-        x.acc.print(f"note: {x.acc.num_processes} process(es) for {torch.cuda.device_count()} GPUs: `accelerate launch "
-                    f"--num_processes {torch.cuda.device_count()} reminder.py ...` shards the student over all of them")
-    x.acc.wait_for_everyone()
-    set_seed(cfg.seed)
-    try:
+    with hold(os.path.join(cfg.out, ".lock")) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        from accelerate.utils import set_seed
+        quiet_libraries()
+        set_threads(cfg)
+        x = Experiment(cfg, make_accelerator(cfg))
+        if cfg.report_to:
+            x.acc.init_trackers("reminder", config=dataclasses.asdict(cfg))
+        if cfg.student and torch.cuda.device_count() > x.acc.num_processes:
+            x.acc.print(f"note: {x.acc.num_processes} process(es) for {torch.cuda.device_count()} GPUs: `accelerate "
+                        f"launch --num_processes {torch.cuda.device_count()} reminder.py ...` shards the student")
+        x.acc.wait_for_everyone()
+        set_seed(cfg.seed)
         yield x
-    finally:
-        if lock:
-            lock.release()
 
 
 # ---- the study runner: plays any Study declared above the marker. Each (seed, cell) is a run folder
