@@ -1142,8 +1142,8 @@ STUDIES = {s.name: s for s in [
 
 
 # ==============================================================================================
-# Everything below is machinery, not needed to follow the method: fingerprints and the stage store,
-# resume, the study runner, tables and plots, real-scale loading and FSDP, vLLM, the command line, dry run.
+# Everything below is machinery, not needed to follow the method: its helpers, the flags, fingerprints and the
+# stage store, resume, the study runner, tables and plots, real-scale loading and FSDP, vLLM, the command line.
 # ==============================================================================================
 
 # ---- helpers of the method above (what they mean for it is said where they are used): parsing --pairs and step
@@ -1527,7 +1527,8 @@ UNUSED_WHEN = {"filter_fraction": "reminder_filter", "leak_rate": "red"}  # sett
 @functools.cache
 def code_hash():
     h = hashlib.sha256()
-    for path in sorted({__file__, getattr(sys.modules["__main__"], "__file__", None) or __file__}):
+    main = getattr(sys.modules["__main__"], "__file__", None)  # a fork that imports this file, run as a script
+    for path in sorted({__file__} | ({main} if main and os.path.isfile(main) else set())):
         with open(path, "rb") as f:
             h.update(f.read())
     import transformers
