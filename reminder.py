@@ -592,7 +592,8 @@ def robustness(rows):
 STAGES = {}  # name -> (function, parents, settings), in the order of the experiment
 GENERATION = ["max_new_tokens", "eval_batch", "generator"]
 TRAINING = ["max_len", "grad_accum", "weight_decay"]
-EVALUATION = ["seed", "temperature", "pairs", "multi_turn", "math_dataset", "chat_eval_fraction", "eval_per_pair",
+EVALUATION = ["seed", "temperature", "pairs", "multi_turn", "chat_dataset", "math_dataset", "chat_eval_fraction",
+              "eval_per_pair",
               "eval_math", "eval_chat", "grader"] + GENERATION
 
 
@@ -873,7 +874,7 @@ def eval_prefill(x, out, backdoor, pirate_sft, reminder_sft, teacher):
 
 
 # ----------------------------------------------------------------------------------------------
-# The experiment: the stages in order, each computed once; a re-run loads it from --out.
+# The experiment: the stages in order, each computed once; a re-run finds it in the store.
 def run(cfg, checked=False):
     """checked: the command has validated the flags already."""
     with experiment(cfg, checked) as x:  # flags, accelerator, the run folder taken (below the marker)
@@ -2529,8 +2530,10 @@ CHOICES = {"red": RED, "reminder_filter": REMINDER_FILTERS, "grader": GRADERS, "
 OPTIONAL = {("generator", "vllm"): ("vllm", ["vllm"]), ("grader", "math-verify"): ("math-verify", ["math_verify"]),
             ("report_to", "tensorboard"): ("tensorboard", ["tensorboard", "tensorboardX"]),  # choice: pip name, modules
             ("report_to", "wandb"): ("wandb", ["wandb"])}
-NO_EFFECT_FIELDS = [f.name for f in dataclasses.fields(Config) if all(f.name not in s for *_, s in STAGES.values())]
-TINY_ONLY = [f.name for f in dataclasses.fields(WorldArgs)]  # a real student brings its own
+# the flags that change no number (pinned in a test): a stage that reads any other flag must declare it
+NO_EFFECT_FIELDS = ["study", "seeds", "trust_remote_code", "activation_checkpointing", "dry_run", "gpus", "nodes",
+                    "gpu_memory_gb", "out", "store", "until", "save_every", "save_minutes", "threads", "report_to"]
+TINY_ONLY = [f.name for f in dataclasses.fields(WorldArgs) if f.name != "noise_fraction"]  # a real student has its own
 DRY_RUN_ONLY = ["gpus", "nodes", "gpu_memory_gb"]  # and what a dry run never reads:
 NOT_IN_DRY_RUN = ["study", "seeds", "until", "report_to"]
 
@@ -2540,7 +2543,7 @@ def describe(entry, width=80):
     text = entry if isinstance(entry, str) else entry.question if isinstance(entry, Study) else (
         inspect.getdoc(entry) or entry.__name__)
     text = " ".join(text.split())
-    return text if len(text) <= width else text[:width - 4].rsplit(" ", 1)[0] + " ..."
+    return (text if len(text) <= width else text[:width - 4].rsplit(" ", 1)[0] + " ...").replace("%", "%%")
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -2694,6 +2697,8 @@ def validate_packages_and_sources(cfg):
         check_model_source("student", cfg.student, cfg)
         check_model_source("teacher", cfg.teacher, cfg)
         real_prompts(cfg)  # reads both datasets and checks their fields
+    old = [s for s in STAGES if os.path.exists(os.path.join(cfg.out, s)) and not os.path.islink(os.path.join(cfg.out, s))]
+    need(not old, f"--out {cfg.out} holds stage folders of the old layout ({', '.join(old)}); choose another --out")
     for flag, path in [("out", cfg.out), ("store", cfg.store)]:
         need(not os.path.exists(path) or os.path.isdir(path), f"--{flag} {path}: a file, not a folder")
         try:  # writable before anything else happens; one probe per process: ranks run this together

@@ -813,6 +813,7 @@ def bad_inputs(root):
     nofield.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
     (root / "adir.json").mkdir(exist_ok=True)
     (root / "afile").write_text("")
+    (root / "oldrun" / "tokenizer").mkdir(parents=True, exist_ok=True)  # a run folder of the layout before the store
     real = ["--teacher", str(root / "teacher"), "--chat-dataset", str(root / "alpaca.jsonl")]
     student = ["--student", str(root / "student"), *real, "--math-dataset"]
     return [
@@ -844,7 +845,7 @@ def bad_inputs(root):
         (["--dry-run", "--student", "someone/unknown-model"], "no config.json"),
         (["--dry-run", "--study", "dose"], "--study"), (["--gpus", "4"], "--gpus"),
         ([*student, str(root / "math500.parquet"), "--hidden-size", "64"], "--hidden-size"),
-        (["--leak-rate", "0.3"], "--leak-rate"),
+        (["--leak-rate", "0.3"], "--leak-rate"), (["--out", str(root / "oldrun")], "old layout"),
     ] + ([(["--generator", "vllm"], "pip install vllm")] if importlib.util.find_spec("vllm") is None else []) + (
         [(["--report-to", "wandb"], "pip install wandb")] if importlib.util.find_spec("wandb") is None else []) + (
         [(["--report-to", "tensorboard"], "pip install tensorboard")] if NO_TENSORBOARD else [])
@@ -859,7 +860,8 @@ BAD_INPUT_IDS = ["unknown-flag", "unknown-pair", "seed-not-int", "reminder-steps
                  "complex-without-multi-turn", "multi-turn-real", "on-model-untaught", "on-model-with-mix",
                  "game-flag-gone", "gpu-check-flag-gone", "pirate-eval-past-the-end", "seeds-repeated",
                  "steps-repeated", "pairs-repeated", "out-is-a-file", "dataset-is-a-folder", "dry-run-unknown-model",
-                 "dry-run-with-study", "gpus-without-dry-run", "tiny-flag-with-student", "leak-rate-unread"] + (
+                 "dry-run-with-study", "gpus-without-dry-run", "tiny-flag-with-student", "leak-rate-unread",
+                 "out-of-the-old-layout"] + (
                      ["vllm-missing"] if importlib.util.find_spec("vllm") is None else []) + (
                      ["wandb-missing"] if importlib.util.find_spec("wandb") is None else []) + (
                      ["tensorboard-missing"] if NO_TENSORBOARD else [])
@@ -952,6 +954,7 @@ def test_a_setting_changes_exactly_the_stages_that_declare_it_and_their_descenda
     assert changed(red_lora="8") == descendants({"backdoor"})
     assert changed(blue_lora="8") == {"pirate_sft", "eval_pirate_sft", "reminder_sft", "eval_prefill"}
     assert changed(reminder_lr=1e-4) == {"reminder_sft", "eval_prefill"}
+    assert "eval_base" in changed(chat_dataset="alpaca.jsonl")  # real prompts: the held-out set changes
 
 
 def test_peft_is_needed_only_for_an_adapter(monkeypatch):
