@@ -1551,7 +1551,7 @@ def test_two_cpu_processes_match_one(tmp_path):
 
 
 CADENCE_SCRIPT = """
-import json, os, sys
+import json, os, sys, torch
 sys.path.insert(0, {here!r})
 import reminder as R
 from accelerate import Accelerator
@@ -1569,6 +1569,8 @@ for step, (t0, t1) in enumerate([(30, 90), (70, 50), (200, 200)], 1):
 # one file per rank: two ranks printing to one pipe can interleave their lines
 with open(os.path.join({answers!r}, f"rank{{acc.process_index}}.json"), "w") as f:
     json.dump(decisions, f)
+acc.wait_for_everyone()  # both ranks done, then the process group closed: a rank leaving mid-teardown can abort gloo
+torch.distributed.destroy_process_group()
 """
 
 
