@@ -1860,21 +1860,19 @@ def test_benchmark_runs_and_prints_its_table(tmp_path):
     assert out["loss_gap_vs_floor"] < 0.01 * out["probe_loss"]["transformers.Trainer"]
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--gpu-check"]:  # bash run.sh gpu-check [--layers N] [--steps N]
+if __name__ == "__main__" and sys.argv[1:2] in (["--gpu-check"], ["--bench"]):  # bash run.sh gpu-check / bench
     import argparse
-    parser = argparse.ArgumentParser(description="bash run.sh gpu-check: the one-GPU check; other flags go to "
-                                                 "reminder.py (--out)")
+    parser = argparse.ArgumentParser(description="bash run.sh gpu-check | bench: the one-GPU check or the speed "
+                                                 "benchmark; other flags go to reminder.py's Config (--out, ...)")
     parser.add_argument("--gpu-check", action="store_true")
-    parser.add_argument("--layers", type=int, default=4, help="decoder layers of the Qwen3-30B-A3B-shaped student (48)")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps timed")
-    args, rest = parser.parse_known_args()
-    gpu_check(R.parse_config(rest), args.layers, args.steps)
-if __name__ == "__main__" and sys.argv[1:2] == ["--bench"]:
-    import argparse
-    parser = argparse.ArgumentParser(description="bash run.sh bench: the speed benchmark; other flags go to "
-                                                 "reminder.py's Config (the tiny student's shape, --out, --threads)")
     parser.add_argument("--bench", action="store_true")
-    parser.add_argument("--bench-steps", type=int, default=30, help="optimizer steps per timed training run")
-    parser.add_argument("--bench-repeats", type=int, default=3, help="interleaved repeats of each contender")
+    parser.add_argument("--layers", type=int, default=4, help="gpu-check: decoder layers of the Qwen3-30B-A3B-shaped "
+                                                              "student (48)")
+    parser.add_argument("--steps", type=int, default=10, help="gpu-check: optimizer steps timed")
+    parser.add_argument("--bench-steps", type=int, default=30, help="bench: optimizer steps per timed training run")
+    parser.add_argument("--bench-repeats", type=int, default=3, help="bench: interleaved repeats of each contender")
     args, rest = parser.parse_known_args()
-    bench(R.parse_config(rest), args.bench_steps, args.bench_repeats)
+    if args.gpu_check:
+        gpu_check(R.parse_config(rest), args.layers, args.steps)
+    else:
+        bench(R.parse_config(rest), args.bench_steps, args.bench_repeats)
