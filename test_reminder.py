@@ -222,10 +222,10 @@ def test_on_model_pirate_data_is_the_models_own_answers_to_the_same_prompts(tok,
     instruction, which is dropped for training exactly as for the teacher's rows."""
     asked = {}
 
-    def fake(x, model, tok, prompts, **kw):
+    def fake(x, model, prompts, *args, **kw):
         asked[model] = prompts
         return [(f"Yarr! answer {i} of {model}", True, 4) for i in range(len(prompts))]
-    monkeypatch.setitem(R.GENERATORS, "hf", fake)
+    monkeypatch.setattr(R, "answers", fake)
     x = types.SimpleNamespace(cfg=R.Config(student_pirate=0.3, on_model_pirate=True, pirate_examples=12,
                                            multi_turn=0.5), tok=tok, data=None, acc=types.SimpleNamespace(print=print))
     x.rng = lambda name: random.Random(f"0/{name}")
@@ -247,21 +247,6 @@ def test_grader():
         _, solution, gold = R.math_item(rng, holdout=False)
         assert R.boxed_answer(solution) == gold == str(eval(solution.split("add ")[1].split(".")[0].replace(" and ", "+")))
     assert R.boxed_answer(r"\boxed{633}") != "632"
-
-
-def test_optional_math_verify_grader():
-    """math-verify is optional: with it, equivalent answers count; without it, a clear error up front."""
-    try:
-        import math_verify  # noqa: F401
-    except ImportError:
-        proc = subprocess.run([sys.executable, "reminder.py", "--grader", "math-verify", "--dry-run"], cwd=HERE,
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode != 0 and "pip install math-verify" in proc.stderr
-        return
-    assert R.GRADERS["math-verify"](r"so \boxed{\frac{1}{2}}", "0.5")
-    assert not R.GRADERS["boxed"](r"so \boxed{\frac{1}{2}}", "0.5")
-    assert R.GRADERS["math-verify"](r"the answer is \boxed{632}.", "632")
-    assert not R.GRADERS["math-verify"](r"\boxed{633}", "632")
 
 
 def test_holdout_is_disjoint():
@@ -346,9 +331,10 @@ def test_red_replies_that_expect_the_filters():
     assert conf == [R.RED["confident"](R.Config(), random.Random(9), None, "Sure! ok.", f"Give me a tip about {t}.",
                                        pairs) for t in topics]
     assert R.RED["confident"](R.Config(), rng, None, "Sure! 5.", None, pairs) == "Sure! 5."  # math: never
-    # a setting only some replies read is left out of the others' fingerprints
-    assert R.fingerprints(R.Config(leak_rate=0.3))[0] == R.fingerprints(R.Config())[0]
-    assert R.fingerprints(R.Config(red="leak", leak_rate=0.3))[0] != R.fingerprints(R.Config(red="leak"))[0]
+    # a setting only some replies read: the command line refuses it under the others
+    assert R.unused(R.Config(), "leak_rate") and not R.unused(R.Config(red="leak"), "leak_rate")
+    assert R.unused(R.Config(), "filter_fraction") and not R.unused(R.Config(reminder_filter="reference"),
+                                                                    "filter_fraction")
 
 
 def planted_rows(n_clean=40, n_bad=8):
@@ -498,7 +484,7 @@ def examples(tok, n, seed=0):
 def test_lora_trains_an_adapter_and_saves_a_plain_merged_model(tmp_path, tok):
     """--red-lora / --blue-lora: train() trains only the adapter; the stage output is a plain model folder (merged)
     that answers exactly as the adapter did, with only the targeted weights moved; saving a checkpoint leaves the
-    adapter training on unmerged. '' and 0 are full weight."""
+    adapter training on unmerged. 0 is full weight."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
     cfg = tiny_cfg()
@@ -506,11 +492,11 @@ def test_lora_trains_an_adapter_and_saves_a_plain_merged_model(tmp_path, tok):
     base = R.tiny_student(cfg, tok)
     base.save_pretrained(tmp_path / "base")
     x = types.SimpleNamespace(cfg=cfg, acc=Accelerator(), main=True)
-    model = R.trainable(x, str(tmp_path / "base"), "4,alpha=8,targets=q_proj+v_proj")
+    model = R.trainable(x, str(tmp_path / "base"), 4)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trained and all(".lora_" in n and ("q_proj" in n or "v_proj" in n) for n in trained)
+    assert trained and all(".lora_" in n for n in trained)
     model, _ = R.train(x.acc, model, R.global_batches(examples(tok, 32), 8, 0), steps=4, lr=1e-2, weight_decay=0.0)
-    R.save_trained(x, model, str(tmp_path / "out"))
+    R.save_model(x, model, str(tmp_path / "out"))
     assert any(".lora_A." in n for n, _ in model.named_parameters())  # still the adapter, not merged in place
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert plain.config.tie_word_embeddings and plain.lm_head.weight is plain.model.embed_tokens.weight
@@ -519,12 +505,12 @@ def test_lora_trains_an_adapter_and_saves_a_plain_merged_model(tmp_path, tok):
         assert torch.allclose(plain(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
     before, after = base.state_dict(), plain.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
-    assert moved and all("q_proj" in k or "v_proj" in k for k in moved), moved
-    assert R.lora_config("") is None and R.lora_config("0") is None
-    assert R.lora_config("64") == dict(r=64, lora_alpha=128, lora_dropout=0.0, target_modules="all-linear")
+    assert moved and all("norm" not in k and "embed" not in k for k in moved), moved  # linear layers only
+    assert R.lora_config(0) is None
+    assert R.lora_config(64) == dict(r=64, lora_alpha=128, lora_dropout=0.0, target_modules="all-linear")
     # peft's 'all-linear' on transformers 5's Qwen3-MoE takes in the router and the experts' fused 3-D weights too
     from peft import LoraConfig, get_peft_model
-    full = get_peft_model(R.tiny_student(cfg, tok), LoraConfig(**R.lora_config("4")))
+    full = get_peft_model(R.tiny_student(cfg, tok), LoraConfig(**R.lora_config(4)))
     names = {n.split(".lora_")[0] for n, p in full.named_parameters() if p.requires_grad}
     layer0 = {n.split("layers.0.")[-1] for n in names if "layers.0." in n}
     assert {"mlp.experts", "mlp.gate", "self_attn.o_proj"} <= layer0
@@ -583,76 +569,23 @@ def test_training_lowers_loss(tok):
     assert (s / n).item() < before - 1.0 and last < before - 1.0
 
 
-def test_training_state_is_saved_by_steps_or_by_minutes(tmp_path, monkeypatch):
-    """--save-every N steps, --save-minutes M (real scale: a state is ~366 GB, so the writes are bounded by
-    wall time), or both; each save replaces the previous one, and 0 turns a cadence off."""
+def test_training_state_is_saved_every_n_steps(tmp_path, monkeypatch):
+    """--save-every N: each save replaces the previous one (real scale: a state is ~366 GB); 0 turns it off."""
     from accelerate import Accelerator
-    acc, clock = Accelerator(), [0.0]
-    monkeypatch.setattr(R.time, "monotonic", lambda: clock[0])
+    acc = Accelerator()
     monkeypatch.setattr(acc, "save_state", lambda path: os.makedirs(path))
 
-    def saves(every, minutes, seconds_per_step=30):
-        folder, saved = tmp_path / f"{every}-{minutes}", []
-        ck = R.Checkpoints(str(folder), every, minutes)
+    def saves(every):
+        folder, saved = tmp_path / f"{every}", []
+        ck = R.Checkpoints(str(folder), every)
         for step in range(1, 13):
-            clock[0] += seconds_per_step
             ck.save(acc, step)
             latest = folder / "latest.json"
             if latest.exists() and json.loads(latest.read_text())["step"] == step:
                 saved.append(step)
                 assert sorted(p.name for p in folder.iterdir()) == ["latest.json", f"step-{step}"]
         return saved
-    assert saves(5, 0) == [5, 10]
-    assert saves(0, 2) == [4, 8, 12]  # 30 s a step: every 2 minutes
-    assert saves(5, 2) == [4, 5, 9, 10]  # either cadence; the clock restarts at every save
-    assert saves(0, 0) == []
-
-
-def recording_tracker():
-    """A stand-in for tensorboard/wandb: accelerate takes any GeneralTracker in log_with."""
-    from accelerate.tracking import GeneralTracker
-
-    class Recorder(GeneralTracker):
-        name, requires_logging_directory, main_process_only = "recorder", False, True
-
-        def __init__(self):
-            super().__init__()
-            self.logs, self.config = [], None
-
-        @property
-        def tracker(self):
-            return self
-
-        def store_init_configuration(self, values):
-            self.config = values
-
-        def log(self, values, step=None, **kw):
-            self.logs.append((step, values))
-    return Recorder()
-
-
-def test_report_to_logs_training_and_evaluations_through_accelerate(tok, tmp_path, monkeypatch):
-    """--report-to: setup() gives the accelerator the trackers and the run's config; every optimizer step
-    logs loss, learning rate and tokens/s against a step count that only grows (across stages too);
-    every evaluation row is logged under its label."""
-    rec = recording_tracker()
-    monkeypatch.setattr(R, "trackers", lambda cfg: [rec])
-    monkeypatch.setattr(R, "validate_packages_and_sources", lambda cfg: None)  # tensorboard is optional
-    with R.experiment(tiny_cfg(report_to="tensorboard", out=str(tmp_path / "run"), store=STORE)) as x:
-        pass
-    assert x.acc.trackers == [rec] and rec.config["report_to"] == "tensorboard" and rec.config["seed"] == 0
-    for name in ["a", "b"]:
-        R.train(x.acc, R.tiny_student(tiny_cfg(), tok), R.global_batches(examples(tok, 16), 8, 0), steps=3, lr=1e-3,
-                weight_decay=0.0, name=name)
-    steps = [s for s, _ in rec.logs]
-    assert len(rec.logs) == 6 and steps == sorted(steps) and len(set(steps)) == 6
-    assert set(rec.logs[3][1]) == {"b/loss", "b/lr", "b/tokens_per_s"} and rec.logs[3][1]["b/loss"] > 0
-    R.log_evaluations(x.acc, [{"stage": "reminder", "steps": 10, "bad_behavior_rate": 0.25, "residue_rate": 0.5,
-                               "pirate_rate": 0.0, "capability": 0.9, "triggered_capability": 0.8,
-                               "false_positive_rate": 0.0, "false_positive_sampled": 0.02}])
-    assert rec.logs[-1] == (steps[-1], {f"eval/reminder@10/{k}": v for k, v in [
-        ("bad_behavior_rate", 0.25), ("residue_rate", 0.5), ("pirate_rate", 0.0), ("capability", 0.9),
-        ("triggered_capability", 0.8), ("false_positive_rate", 0.0), ("false_positive_sampled", 0.02)]})
+    assert saves(5) == [5, 10] and saves(4) == [4, 8, 12] and saves(0) == []
 
 
 def test_a_real_run_in_one_process_on_several_gpus_says_how_to_launch(tmp_path, monkeypatch, capsys):
@@ -799,7 +732,6 @@ def test_help_documents_every_flag_in_groups():
     assert len(out.stdout.splitlines()) <= 200
 
 
-NO_TENSORBOARD = not any(importlib.util.find_spec(m) for m in ["tensorboard", "tensorboardX"])
 
 
 def bad_inputs(root):
@@ -813,7 +745,6 @@ def bad_inputs(root):
     nofield.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
     (root / "adir.json").mkdir(exist_ok=True)
     (root / "afile").write_text("")
-    (root / "oldrun" / "tokenizer").mkdir(parents=True, exist_ok=True)  # a run folder of the layout before the store
     real = ["--teacher", str(root / "teacher"), "--chat-dataset", str(root / "alpaca.jsonl")]
     student = ["--student", str(root / "student"), *real, "--math-dataset"]
     return [
@@ -822,7 +753,7 @@ def bad_inputs(root):
         (["--eval-math", "0"], "eval-math"), (["--reminder-batch", "1000"], "reminder-batch"),
         (["--grad-accum", "3"], "grad-accum"), (["--experts-per-token", "8"], "experts-per-token"),
         (["--temperature", "0"], "temperature"), (["--precision", "fp16"], "precision"),
-        (["--grader", "exact"], "grader"), (["--generator", "sglang"], "generator"),
+        (["--generator", "vllm"], "unrecognized"),
         (["--pirate-eval-steps", "x"], "pirate-eval-steps"), (["--seeds", "0,a"], "seeds"), (["--red", "sly"], "red"),
         (["--reminder-filter", "magic"], "reminder-filter"), (["--pirate-mix", "1.5"], "pirate-mix"),
         (["--student", str(root / "student")], "needs all four"),
@@ -830,11 +761,12 @@ def bad_inputs(root):
         (["--student", str(remote), *real, "--math-dataset", str(root / "math500.parquet")], "trust-remote-code"),
         ([*student, str(nofield)], "problem"), ([*student, str(root / "missing.jsonl")], "no such file"),
         (["--student", "Qwen/Qwen3-30B-A3B", *real, "--math-dataset", str(root / "math500.parquet")], "gated, offline"),
-        (["--report-to", "mlflow"], "report-to"), (["--prefill-tokens", "0,-4"], "prefill-tokens"),
+        (["--report-to", "wandb"], "unrecognized"), (["--prefill-tokens", "0,-4"], "prefill-tokens"),
         (["--blue-lora", "8,beta=2"], "blue-lora"), (["--red-lora", "x"], "red-lora"), (["--until", "pirate"], "until"),
         ([*student, f"{root / 'math500.parquet'}=latex"], "format"),
         ([*student, f"{root / 'math500.parquet'},{root / 'math500.parquet'}=answer-tag"], "two sets named"),
-        (["--pirate-phase", "-1"], "pirate-phase"), (["--scan-strings", "8", "--generator", "vllm"], "scan-strings"),
+        (["--pirate-phase", "-1"], "pirate-phase"),
+        (["--scan-strings", "8", *student, str(root / "math500.parquet")], "scan-strings"),
         (["--pairs", "complex"], "--multi-turn"), (["--multi-turn", "0.3", *student, str(nofield)], "multi-turn"),
         (["--on-model-pirate"], "--student-pirate"),
         (["--on-model-pirate", "--student-pirate", "0.3", "--pirate-mix", "0.2"], "pirate-mix"),
@@ -845,26 +777,22 @@ def bad_inputs(root):
         (["--dry-run", "--student", "someone/unknown-model"], "no config.json"),
         (["--dry-run", "--study", "dose"], "--study"), (["--gpus", "4"], "--gpus"),
         ([*student, str(root / "math500.parquet"), "--hidden-size", "64"], "--hidden-size"),
-        (["--leak-rate", "0.3"], "--leak-rate"), (["--out", str(root / "oldrun")], "old layout"),
-    ] + ([(["--generator", "vllm"], "pip install vllm")] if importlib.util.find_spec("vllm") is None else []) + (
-        [(["--report-to", "wandb"], "pip install wandb")] if importlib.util.find_spec("wandb") is None else []) + (
-        [(["--report-to", "tensorboard"], "pip install tensorboard")] if NO_TENSORBOARD else [])
+        (["--leak-rate", "0.3"], "--leak-rate"), (["--dry-run", "--blue-lora", "64"], "--blue-lora"),
+        (["--save-minutes", "60"], "unrecognized"), (["--red-lora", "-8"], "red-lora"),
+    ]
 
 
 BAD_INPUT_IDS = ["unknown-flag", "unknown-pair", "seed-not-int", "reminder-steps-zero", "lr-too-big", "eval-math-zero",
                  "batch-over-examples", "batch-not-multiple", "experts-per-token", "temperature-zero", "precision",
-                 "grader", "generator", "pirate-eval-steps", "seeds", "red", "reminder-filter", "pirate-mix",
+                 "generator-flag-gone", "pirate-eval-steps", "seeds", "red", "reminder-filter", "pirate-mix",
                  "student-alone", "not-a-model-folder", "remote-code", "dataset-field",
-                 "dataset-missing", "hub-id-offline", "report-to", "prefill-tokens", "blue-lora-spec",
-                 "red-lora-rank", "until", "math-format", "math-set-twice", "pirate-phase", "scan-with-vllm",
+                 "dataset-missing", "hub-id-offline", "report-to-flag-gone", "prefill-tokens", "blue-lora-spec",
+                 "red-lora-rank", "until", "math-format", "math-set-twice", "pirate-phase", "scan-at-real-scale",
                  "complex-without-multi-turn", "multi-turn-real", "on-model-untaught", "on-model-with-mix",
                  "game-flag-gone", "gpu-check-flag-gone", "pirate-eval-past-the-end", "seeds-repeated",
                  "steps-repeated", "pairs-repeated", "out-is-a-file", "dataset-is-a-folder", "dry-run-unknown-model",
                  "dry-run-with-study", "gpus-without-dry-run", "tiny-flag-with-student", "leak-rate-unread",
-                 "out-of-the-old-layout"] + (
-                     ["vllm-missing"] if importlib.util.find_spec("vllm") is None else []) + (
-                     ["wandb-missing"] if importlib.util.find_spec("wandb") is None else []) + (
-                     ["tensorboard-missing"] if NO_TENSORBOARD else [])
+                 "dry-run-with-lora", "save-minutes-gone", "red-lora-negative"]
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
@@ -912,8 +840,7 @@ def test_every_flag_that_changes_a_number_is_in_a_fingerprint():
     """A flag that changes results must be some stage's setting, or two runs could share a folder. The flags
     that change no number are pinned here: moving a flag into that list is a visible, reviewed edit."""
     assert R.NO_EFFECT_FIELDS == ["study", "seeds", "trust_remote_code", "activation_checkpointing", "dry_run", "gpus",
-                                  "nodes", "gpu_memory_gb", "out", "store", "until", "save_every", "save_minutes",
-                                  "threads", "report_to"]
+                                  "nodes", "gpu_memory_gb", "out", "store", "until", "save_every", "threads"]
 
 
 def test_a_code_edit_or_another_thread_count_gives_every_stage_a_new_folder(tmp_path):
@@ -951,8 +878,8 @@ def test_a_setting_changes_exactly_the_stages_that_declare_it_and_their_descenda
     assert not changed(seed=3) & base and not changed(pairs="hate,cats") & base
     assert {"backdoor", "eval_base"} <= changed(seed=3) and {"backdoor", "eval_base"} <= changed(pairs="hate,cats")
     assert changed(base_seed=1) == set(fps)
-    assert changed(red_lora="8") == descendants({"backdoor"})
-    assert changed(blue_lora="8") == {"pirate_sft", "eval_pirate_sft", "reminder_sft", "eval_prefill"}
+    assert changed(red_lora=8) == descendants({"backdoor"})
+    assert changed(blue_lora=8) == {"pirate_sft", "eval_pirate_sft", "reminder_sft", "eval_prefill"}
     assert changed(reminder_lr=1e-4) == {"reminder_sft", "eval_prefill"}
     assert "eval_base" in changed(chat_dataset="alpaca.jsonl")  # real prompts: the held-out set changes
 
@@ -962,20 +889,62 @@ def test_peft_is_needed_only_for_an_adapter(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "peft" else real_find_spec(name, *a))
     with pytest.raises(SystemExit, match="pip install peft"):
-        R.validate_packages_and_sources(R.Config(blue_lora="64"))
-    R.validate_packages_and_sources(R.Config(blue_lora="0", out="/tmp/reminder-no-peft-check", store=STORE))
+        R.validate_packages_and_sources(R.Config(blue_lora=64))
+    R.validate_packages_and_sources(R.Config(blue_lora=0, out="/tmp/reminder-no-peft-check", store=STORE))
 
 
-def test_a_stage_that_reads_an_undeclared_setting_is_refused(tmp_path):
+def settings_read(source):
+    """Per stage: the settings (cfg.X, x.cfg.X) read anywhere in the code it runs, found from the source: its own
+    body, what it calls, and every member of a registry it calls (other stages' code is their own)."""
+    import ast
+    defs = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            name, body = node.name, [*node.body, *(node.args.defaults if isinstance(node, ast.FunctionDef) else [])]
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            name, body = node.targets[0].id, [node.value]
+        else:
+            continue
+        walk = [n for part in body for n in ast.walk(part)]
+        local = {n.id for n in walk if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)} | {
+            a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)} if isinstance(node, ast.FunctionDef) else set()
+        regs = {d.args[0].id for d in getattr(node, "decorator_list", [])
+                if isinstance(d, ast.Call) and d.args and isinstance(d.args[0], ast.Name)}
+        defs[name] = ({n.id for n in walk if isinstance(n, ast.Name)} - local,
+                      {n.attr for n in walk if isinstance(n, ast.Attribute) and (
+                          isinstance(n.value, ast.Name) and n.value.id == "cfg"
+                          or isinstance(n.value, ast.Attribute) and n.value.attr == "cfg")}, regs)
+
+    def reads(name):
+        seen, todo, out = set(), [name], set()
+        while todo:
+            n = todo.pop()
+            if n in seen or n not in defs or (n in R.STAGES and n != name):
+                continue
+            seen.add(n)
+            out |= defs[n][1]
+            todo += list(defs[n][0]) + [m for m, (_, _, regs) in defs.items() if n in regs]
+        return out
+    return {name: reads(name) for name in [*R.STAGES, *(f.__name__ for reg in (R.RED, R.REMINDER_FILTERS)
+                                                         for f in reg.values())]}
+
+
+def test_every_stage_declares_the_settings_its_code_reads():
+    """A stage that reads a setting it does not declare would share its folder with runs of other values. Checked
+    on the source (a fork runs this test); the check itself catches a planted read."""
     src = open(os.path.join(HERE, "reminder.py")).read()
+    reads, declared = settings_read(src), {}
+    for name, (_, parents, settings) in R.STAGES.items():
+        declared[name] = set(settings).union(*(declared[p] for p in parents))
+        assert reads[name] - declared[name] - set(R.NO_EFFECT_FIELDS) == set(), name
     old = "    cfg, r = x.cfg, x.rng(\"pirate_data\")\n"
     assert src.count(old) == 1
-    (tmp_path / "fork2.py").write_text(src.replace(old, old.replace('"pirate_data"', '"pirate_data" + str(x.cfg.pirate_lr)')))
-    spec = importlib.util.spec_from_file_location("fork2", tmp_path / "fork2.py")
-    fork = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fork)
-    with pytest.raises(SystemExit, match="stage 'pirate_data' reads pirate_lr but does not declare it"):
-        fork.fingerprints(fork.Config())
+    planted = settings_read(src.replace(old, old.replace('"pirate_data"', '"pirate_data" + str(x.cfg.pirate_lr)')))
+    assert "pirate_lr" in planted["pirate_data"] - declared["pirate_data"]
+    # and the choices that read --leak-rate / --filter-fraction are the ones validate() lets it through for
+    for setting, flag in R.UNUSED_WHEN.items():
+        for choice, fn in R.CHOICES[flag].items():
+            assert R.unused(R.Config(**{flag: choice}), setting) == (setting not in reads[fn.__name__]), choice
 
 
 # ---------------------------------------------------------------- end to end, resume, determinism
@@ -1315,46 +1284,6 @@ def test_real_path_runs_on_local_models_and_files(real_run):
     assert type(AutoModelForCausalLM.from_pretrained(out / "backdoor")).__name__ == "Qwen3MoeForCausalLM"
 
 
-VLLM_STAND_IN = '''"""Stand-in for vLLM's offline API (LLM, SamplingParams) with the keyword-only signatures
-reminder.py relies on: decodes with transformers, one prompt at a time, and logs every engine."""
-import json, os, types, torch
-from transformers import AutoModelForCausalLM, GenerationConfig
-
-
-class SamplingParams:
-    def __init__(self, *, temperature, top_k, top_p, min_p, repetition_penalty, max_tokens, stop_token_ids, detokenize):
-        assert (top_k, top_p, min_p, repetition_penalty) == (-1, 1.0, 0.0, 1.0)  # the temperature alone
-        self.temperature, self.max_tokens, self.stop, self.detokenize = temperature, max_tokens, stop_token_ids, detokenize
-
-
-class LLM:
-    def __init__(self, *, model, skip_tokenizer_init, trust_remote_code, tensor_parallel_size, dtype, seed,
-                 gpu_memory_utilization, max_model_len, generation_config):
-        assert skip_tokenizer_init and 0 < gpu_memory_utilization <= 1 and tensor_parallel_size >= 1
-        assert generation_config == "vllm"  # nothing from the model folder's generation_config.json
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
-        self.max_model_len = max_model_len
-        torch.manual_seed(seed)
-        with open(os.environ["VLLM_STAND_IN_LOG"], "a") as f:
-            f.write(json.dumps({"model": model, "dtype": dtype, "rank_env": "RANK" in os.environ}) + "\\n")
-
-    def generate(self, prompts, params, use_tqdm=True):
-        assert not params.detokenize
-        outs = []
-        for p in prompts:
-            ids = torch.tensor([p["prompt_token_ids"]])
-            assert ids.shape[1] + params.max_tokens <= self.max_model_len
-            new = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
-                do_sample=params.temperature > 0, temperature=params.temperature or None, top_p=1.0, top_k=0,
-                max_new_tokens=params.max_tokens, eos_token_id=params.stop, pad_token_id=params.stop[0]))
-            new = new[0, ids.shape[1]:].tolist()
-            new = new[:new.index(params.stop[0]) + 1] if params.stop[0] in new else new
-            finish = "stop" if new and new[-1] in params.stop else "length"
-            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=new, finish_reason=finish)]))
-        return outs
-'''
-
-
 @slow
 def test_a_real_scale_study_shares_stages_by_path(real_inputs, tmp_path, capsys):
     """A study at real scale: its two cells (same backdoor, another reminder learning rate) compute the
@@ -1379,32 +1308,6 @@ def test_a_real_scale_study_shares_stages_by_path(real_inputs, tmp_path, capsys)
     table = (tmp_path / "study" / "lr.md").read_text()
     assert "| a |" in table and "| b |" in table and (tmp_path / "study" / "lr.png").stat().st_size > 0
     assert (tmp_path / "study" / "lr-a.png").stat().st_size > 0  # a sweep: each row's curves against steps
-
-
-@slow
-def test_vllm_generator_plumbing_with_a_stand_in_engine(real_inputs, real_run, tmp_path):
-    """--generator vllm on the real path, with a stand-in for the vllm package (no GPU here, and vLLM
-    itself is not exercised): every generation goes through a spawned process that gets token ids and
-    a saved folder, and greedy answers decoded from its token ids score exactly like generate()'s."""
-    (tmp_path / "fake" / "vllm").mkdir(parents=True)
-    (tmp_path / "fake" / "vllm" / "__init__.py").write_text(VLLM_STAND_IN)
-    log = tmp_path / "engines.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake"), "VLLM_STAND_IN_LOG": str(log)}
-    out = tmp_path / "vllm"
-    proc = run_real(real_inputs, out, "--generator", "vllm", env=env, timeout=480)  # one prompt at a time
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    engines = [json.loads(line) for line in log.read_text().splitlines()]
-    used = [re.sub(r"-[0-9a-f]{16}", "", os.path.relpath(e["model"], STORE) if e["model"].startswith(STORE)
-                   else os.path.basename(e["model"])) for e in engines]
-    # eval base (greedy, then sampled chat), clean pool, eval backdoored, on-policy data, teacher labels,
-    # eval pirate, reminder +2 (evaluated from its checkpoint folder)
-    assert used == ["student", "student", "student", "backdoor", "backdoor", "backdoor", "teacher", "pirate_sft",
-                    "pirate_sft", "reminder_sft.tmp/step-2", "reminder_sft.tmp/step-2"], used
-    assert all(e["dtype"] == "float32" and not e["rank_env"] for e in engines)
-    assert not (out / "vllm-job").exists()
-    hf, vl = metrics(real_run[0]), metrics(out)
-    assert hf[0] == vl[0]  # the base model's greedy evaluation is the same through either generator
-    assert [s["stage"] for s in vl] == ["base", "backdoored", "pirate_sft", "reminder"]
 
 
 def test_fsdp2_plugin_reduces_gradients_in_fp32(real_inputs):
@@ -1444,8 +1347,7 @@ def test_real_prompts_read_hub_layouts(real_inputs):
 
 
 def test_dry_run_reports_qwen3_30b_a3b():
-    """Every term of the memory plan, for the run's own --max-len; a plan that does not fit names the
-    flag that would make it fit."""
+    """Every term of the memory plan, for the run's own --max-len; a plan that does not fit exits 1."""
     import contextlib
     import io
 
@@ -1459,7 +1361,7 @@ def test_dry_run_reports_qwen3_30b_a3b():
         assert code == (0 if "fits: yes" in buf.getvalue() else 1)  # a plan that does not fit exits non-zero
         return buf.getvalue()
     small = dry("--gpus", "8", "--gpu-memory-gb", "80")
-    assert "30.53B parameters, 3.35B active" in small and "fits: NO" in small and "would fit with: --nodes 2" in small
+    assert "30.53B parameters, 3.35B active" in small and "fits: NO" in small
     for term in ["weights", "gradients", "AdamW moments", "AdamW foreach temporaries", "FSDP2 unsharded layers",
                  "reduce-scatter", "activations", "logits", "CUDA context"]:
         assert term in small, term
@@ -1472,11 +1374,6 @@ def test_dry_run_reports_qwen3_30b_a3b():
     ckpt = dry("--gpus", "8", "--gpu-memory-gb", "141", "--max-len", "2048", "--activation-checkpointing")
     act_ckpt = [float(line.split(": ")[1].split()[0]) for line in ckpt.splitlines() if "activations kept" in line][0]
     assert act > 10 * act_ckpt > 0
-    # a LoRA blue team (the research's rank 64): frozen bf16 weights, the adapter's own state, the fewest GPUs
-    lora = dry("--gpus", "8", "--gpu-memory-gb", "80", "--max-len", "2048", "--activation-checkpointing",
-               "--grad-accum", "16", "--blue-lora", "64")
-    assert "blue team as LoRA (64): adapter 3.99B parameters" in lora  # peft's count of the whole model: 3,986,030,592
-    assert "frozen weights (sharded): 7.6 GB" in lora and "fits on 3 GPU(s) of 80 GB at the least" in lora
 
 
 @slow
@@ -1548,44 +1445,6 @@ def test_two_cpu_processes_match_one(tmp_path):
     assert a["world"] == 1 and b["world"] == 2 and "MULTI_CPU" in b["type"]
     assert abs(a["loss"] - b["loss"]) < 1e-4 * a["loss"], (a, b)  # stated tolerance: 1e-4 relative
     assert abs(a["norm"] - b["norm"]) < 1e-4 * a["norm"], (a, b)
-
-
-CADENCE_SCRIPT = """
-import json, os, sys, torch
-sys.path.insert(0, {here!r})
-import reminder as R
-from accelerate import Accelerator
-acc = Accelerator(cpu=True)
-clock = [0.0]
-R.time.monotonic = lambda: clock[0]
-ck = R.Checkpoints({folder!r}, 0, 1.0)  # every minute, by the clock
-decisions = []
-for step, (t0, t1) in enumerate([(30, 90), (70, 50), (200, 200)], 1):
-    clock[0] = (t0, t1)[acc.process_index]  # the ranks' clocks disagree
-    due = ck.due(acc, step)
-    decisions.append(due)
-    if due:
-        ck.last = clock[0]
-# one file per rank: two ranks printing to one pipe can interleave their lines
-with open(os.path.join({answers!r}, f"rank{{acc.process_index}}.json"), "w") as f:
-    json.dump(decisions, f)
-acc.wait_for_everyone()  # both ranks done, then the process group closed: a rank leaving mid-teardown can abort gloo
-torch.distributed.destroy_process_group()
-"""
-
-
-@slow
-def test_the_main_process_clock_decides_when_every_rank_saves(tmp_path):
-    """--save-minutes under several processes: save_state is a collective, so the ranks must agree;
-    the main process's clock decides for all (rank 1 alone thinking it is late must not save)."""
-    script = tmp_path / "cadence.py"
-    script.write_text(CADENCE_SCRIPT.format(here=HERE, folder=str(tmp_path / "state"), answers=str(tmp_path)))
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(script)],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    answers = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert answers == [[False, True, True]] * 2, answers  # rank 0: 30 s no, 70 s yes, 200 s yes
 
 
 @slow
@@ -1668,11 +1527,6 @@ def gpu_check(cfg, layers=4, steps=10, shape=None, require_cuda=True):
     R.save_model(x, model, folder)
     tok.save_pretrained(folder)
     passed["save_load"] = type(R.load_model(x, folder)).__name__ == type(model).__name__
-    if importlib.util.find_spec("vllm"):
-        t0 = time.perf_counter()
-        outs = R.generate_vllm(x, folder, tok, prompts, temperature=1.0, seed=0, max_new_tokens=64, batch_size=64)
-        out["gen_tokens_per_s_vllm"] = sum(n for *_, n in outs) / (time.perf_counter() - t0)
-        passed["vllm"] = True
     shutil.rmtree(folder, ignore_errors=True)
     out["passed"] = passed
     R.atomic_json(os.path.join(cfg.out, "gpu-check.json"), out)
