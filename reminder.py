@@ -943,8 +943,8 @@ def oracle(x, prompts, m):
 
 # ---- studies (--study NAME): a question over a grid of settings x seeds. Each cell (a row's and a column's setting
 # overrides) runs the experiment per seed, sharing every stage it can. `show`: numbers a cell reports from results.json
-# (mean [min-max] over seeds; the first fills the table and figure). `curves`: results.json -> {series: {x: y}}, a
-# table and panel per cell (beside `reference`'s). Neither: every stage over seeds. `workers` > 1: single-thread
+# (mean [min-max] over seeds; the first also as a row x column table). `curves`: results.json -> {series: {x:
+# y}}, each series over seeds (beside `reference`'s). Neither: every stage over seeds, and its figure. `workers` > 1: single-thread
 # processes side by side where safe (the thread count is in every fingerprint).
 @dataclass
 class Study:
@@ -1156,12 +1156,14 @@ def pretrain(x, out, model, data, steps, seed, name):
     save_model(x, model, out)
 
 def trainable(x, path, lora):
-    """Every weight (lora '') or a LoRA adapter over frozen weights, as the research's blue team trained (AdamW skips
+    """Every weight (lora 0) or a LoRA adapter over frozen weights, as the research's blue team trained (AdamW skips
     what gets no gradient)."""
-    if not lora_config(lora):
-        return load_model(x, path, for_training=True)
+    model = load_model(x, path, for_training=not lora)  # LoRA: frozen in the generation dtype; the adapter is fp32
+    if x.cfg.activation_checkpointing and x.acc.distributed_type.name != "FSDP":  # FSDP2's plugin does it itself
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not lora:
+        return model
     from peft import LoraConfig, get_peft_model
-    model = load_model(x, path)  # frozen in the generation dtype (bf16 at real scale); the adapter is fp32
     return get_peft_model(model, LoraConfig(**lora_config(lora)))
 
 def wilson(k, n, z=1.96):
@@ -1340,7 +1342,7 @@ class EvalArgs:
 @dataclass
 class StudyArgs:
     _argument_group_name = "studies"
-    study: str = arg("", "play a study (STUDIES): each cell once per seed, then <study>.json/.md/.png in --out")
+    study: str = arg("", "play a study (STUDIES): each cell once per seed, then <study>.json and .md in --out")
     seeds: str = arg("", "the seeds of a study (default: the study's own); alone: the study 'seeds'")
 
 @dataclass
@@ -1475,11 +1477,9 @@ class Experiment:
     runs the stages: do(stage) computes one once into the store (or finds it there)."""
 
     def __init__(self, cfg, acc):
-        self.cfg, self.acc, self.data, self._tok = cfg, acc, None, None
+        self.cfg, self.acc, self.main, self.data, self._tok = cfg, acc, acc.is_main_process, None, None
         self.fps, self.fields = fingerprints(cfg)
         self.paths, self.seconds, self.t_start = {}, {}, time.perf_counter()
-
-    main = property(lambda self: self.acc.is_main_process)
 
     @property
     def tok(self):  # the run's tokenizer, once the tokenizer stage has made it
@@ -1518,8 +1518,8 @@ class Experiment:
             else:
                 self.compute(fn, path)
         self.seconds[name] = read_json(os.path.join(path, "done.json"))["seconds"]
+        link = os.path.join(self.cfg.out, name)
         if self.main:  # the run folder shows its stages: a link to each
-            link = os.path.join(self.cfg.out, name)
             if os.path.islink(link):
                 os.remove(link)
             os.symlink(os.path.relpath(path, self.cfg.out), link)
@@ -1532,9 +1532,7 @@ class Experiment:
     def compute(self, fn, path):
         self.acc.print(f"== {fn.__name__}: running")
         tmp, t0 = path + ".tmp", time.perf_counter()
-        if self.main:
-            os.makedirs(tmp, exist_ok=True)
-        self.acc.wait_for_everyone()
+        os.makedirs(tmp, exist_ok=True)  # every rank: exist_ok
         result = fn(self, tmp, *(self.folder(p) for p in STAGES[fn.__name__][1]))
         # drop the accelerator's references to the stage's models and optimizers, collect, free memory (on
         # a CPU once per stage, not in train(): a collection costs 0.3 s, 5% of a 30-step run)
@@ -1633,7 +1631,7 @@ def write_outputs(cfg, stages, seconds, audit, prefill=None, scanned=None):
     with open(os.path.join(cfg.out, "samples.jsonl"), "w") as f:
         f.writelines(json.dumps({"stage": stage_label(r), **s}) + "\n" for r in stages for s in r["samples"])
     write_md(os.path.join(cfg.out, "results.md"), results_markdown(results))
-    plot(run_panels([results["stages"]], f"seed {cfg.seed}"), os.path.join(cfg.out, "plot.png"))
+    plot([results["stages"]], f"seed {cfg.seed}", os.path.join(cfg.out, "plot.png"))
     print(f"run folder: {cfg.out}")
 
 def results_markdown(results):
@@ -1663,9 +1661,8 @@ def results_markdown(results):
     if "prefill" in results:
         p = results["prefill"]
         lines += ["", "Capability when the answer starts with the first k tokens of the backdoored model's own:", "",
-                  *table(["k", *p["capability"], "prefill holds a computed result"], [
-                      [k, *(f"{v[i]:.2f}" for v in p["capability"].values()), f"{p['given_away'][i]:.2f}"]
-                      for i, k in enumerate(p["k"])])]
+                  *table(["k", *p["capability"], "prefill holds a computed result"], [[k, *(f"{v:.2f}" for v in vs)]
+                         for k, *vs in zip(p["k"], *p["capability"].values(), p["given_away"])])]
     return lines + ["", "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items())]
 
 def table(header, rows):
@@ -1680,67 +1677,40 @@ def write_md(path, lines):
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-def plot(panels, path):
-    """Panels, three a row, each {title, series: {label: {x, y, band: (lo, hi), style: Axes.plot's}}, legend: where,
-    **Axes.set settings}; a label that starts with _ stays out of the legend."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print("matplotlib not installed: no plot")
-    cols, rows = min(3, len(panels)), -(-len(panels) // 3)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.6 * rows), squeeze=False)
-    for ax, p in zip(axes.flat, panels):
-        p = dict(p)
-        for label, s in p.pop("series").items():
-            line, = ax.plot(s["x"], s["y"], label=label, **s["style"])
-            if s.get("band") and s["band"][0] != s["band"][1]:  # no band over one run
-                ax.fill_between(s["x"], *s["band"], color=line.get_color(), alpha=0.15)
-        ax.legend(fontsize=8, loc=p.pop("legend", "best"))
-        ax.tick_params("x", labelrotation=p.pop("rotate", 0))
-        ax.set(**p)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
+def plot(runs, title, path):
+    """The run's figure: the rates against blue-team steps (mean over runs, min-max band); each method's hull."""
+    from matplotlib.figure import Figure  # no pyplot: no window, nothing to close
+    fig = Figure(figsize=(12, 4.6))
+    rates, hulls = fig.subplots(1, 2)
+    n_pirate = [r["steps"] for r in runs[0] if r["stage"] == "pirate_sft"][-1]
+    blue = [rows for rows in zip(*runs) if rows[0]["stage"] != "base"]  # x: pirate SFT's steps, then the reminder's
+    xs = [0 if r["stage"] == "backdoored" else r["steps"] + n_pirate * (r["stage"] == "reminder") for r, *_ in blue]
+    for k, color, label in [("bad_behavior_rate", "tab:red", "bad behaviour (strict)"),
+                            ("residue_rate", "salmon", "residue"), ("capability", "tab:blue", "capability (math)")]:
+        mean, low, high = ([mean_min_max([r[k] for r in rows])[m] for rows in blue] for m in ("mean", "min", "max"))
+        rates.plot(xs, mean, label=label, marker="o", ms=4, color=color)
+        if low != high:  # no band over one run
+            rates.fill_between(xs, low, high, color=color, alpha=0.15)
+    rates.plot([n_pirate, n_pirate], [-0.03, 1.08], label="reminder starts", ls=":", color="gray")
+    rates.legend(fontsize=8, loc="center right")
+    rates.set(title=f"After each checkpoint ({title})", xlabel="blue-team optimizer steps (pirate SFT, then reminder)",
+              ylabel="rate", ylim=(-0.03, 1.08))
+    for rows in runs:  # every checkpoint (a label that starts with _ stays out of the legend)
+        for stage, m, c in [("pirate_sft", "s", "tab:orange"), ("reminder", "o", "tab:green")]:
+            hulls.plot(*zip(*tradeoff_points(rows, [stage])), label="_", ls="none", marker=m, ms=4, alpha=0.5, color=c)
+    mean = [{**rows[0], **{k: sum(r[k] for r in rows) / len(rows) for k in ("bad_behavior_rate", "capability")}}
+            for rows in blue]
+    for stages, color, name in [(["pirate_sft"], "tab:orange", "pirate SFT alone"),
+                                (["pirate_sft", "reminder"], "tab:green", "pirate SFT + reminder")]:
+        pts = tradeoff_points(mean, stages)
+        hulls.plot(*zip(*upper_hull(pts)), label=f"{name}: AUC {hull_area(pts):.3f}", color=color)
+    hulls.plot([0, 1], [1, 0], label="no free removal (0.5)", ls=":", color="gray")
+    hulls.legend(fontsize=8, loc="lower left")
+    hulls.set(title="Trade-off: hull of checkpoints" + (" (of the mean over runs)" if len(runs) > 1 else ""),
+              xlabel="bad behaviour removed (1 - bad / backdoored)", ylabel="capability retained (/ backdoored)",
+              xlim=(-0.03, 1.03), ylim=(-0.03, 1.08))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-def series(xs, stats, **style):
-    """A line through mean_min_max()es with their min-max band (nan where none: matplotlib skips nan, not None)."""
-    def get(k):
-        return [math.nan if s[k] is None else s[k] for s in stats]
-    return {"x": xs, "y": get("mean"), "band": (get("min"), get("max")), "style": {"marker": "o", "ms": 3, **style}}
-
-def points(pts, **style):
-    return {"x": [p[0] for p in pts], "y": [p[1] for p in pts], "style": style}
-
-def run_panels(runs, title):
-    """The rates against blue-team steps (mean over runs, min-max band), and each method's hull of the mean."""
-    n_pirate = [r["steps"] for r in runs[0] if r["stage"] == "pirate_sft"][-1]
-    stats = [{k: mean_min_max([r[k] for r in rows]) for k in ("bad_behavior_rate", "residue_rate", "capability")}
-             for rows in zip(*runs)]
-    blue = [(0 if r["stage"] == "backdoored" else r["steps"] + n_pirate * (r["stage"] == "reminder"), s)
-            for r, s in zip(runs[0], stats) if r["stage"] != "base"]  # x: pirate SFT's steps, then the reminder's
-    rates = {name: series([x for x, _ in blue], [s[k] for _, s in blue], color=c, ms=4) for k, c, name in [
-        ("bad_behavior_rate", "tab:red", "bad behaviour (strict)"), ("residue_rate", "salmon", "residue"),
-        ("capability", "tab:blue", "capability (math)")]}
-    rates["reminder starts"] = points([(n_pirate, -0.03), (n_pirate, 1.08)], ls=":", color="gray")
-    mean = [{**r, **{k: v["mean"] for k, v in s.items()}} for r, s in zip(runs[0], stats)]
-    hull = {f"_{j} {stage}": points(tradeoff_points(rows, [stage]), ls="none", marker=m, ms=4, alpha=0.5, color=c)
-            for j, rows in enumerate(runs) for stage, m, c in [("pirate_sft", "s", "tab:orange"),
-                                                               ("reminder", "o", "tab:green")]}
-    for stages, c, name in [(["pirate_sft"], "tab:orange", "pirate SFT alone"),
-                            (["pirate_sft", "reminder"], "tab:green", "pirate SFT + reminder")]:
-        pts = tradeoff_points(mean, stages)
-        hull[f"{name}: AUC {hull_area(pts):.3f}"] = points(upper_hull(pts), color=c)
-    hull["no free removal (0.5)"] = points([(0, 1), (1, 0)], ls=":", color="gray")
-    return [{"title": f"After each checkpoint ({title})", "series": rates,
-             "xlabel": "blue-team optimizer steps (pirate SFT, then reminder)", "ylabel": "rate", "ylim": (-0.03, 1.08),
-             "legend": "center right"},
-            {"title": "Trade-off: hull of checkpoints" + (" (of the mean over runs)" if len(runs) > 1 else ""),
-             "series": hull, "xlabel": "bad behaviour removed (1 - bad / backdoored)", "legend": "lower left",
-             "ylabel": "capability retained (/ backdoored)", "xlim": (-0.03, 1.03), "ylim": (-0.03, 1.08)}]
 
 METRICS = {"bad": "bad_behavior_rate", "residue": "residue_rate", "pirate": "pirate_rate", "capability": "capability",
            "triggered-cap": "triggered_capability", "fp": "false_positive_rate", "fp-sampled": "false_positive_sampled"}
@@ -1760,141 +1730,73 @@ def finish(x, rows, audit, prefill=None, scanned=None):
     return rows, seconds
 
 def write_study(cfg, study, results):
-    """<study>.json/.md/.png: every stage over seeds (no `show`), per group of pairs or per cell; then `curves`."""
-    seeds, name = sorted({s for s, _, _ in results}), study.name
-    labels = {cell_label(row, col): (row, col) for row in study.rows for col in study.cols}
-    out = {"versions": versions(), "seeds": seeds}
-    if not study.show:  # its own json, the seeds in the order they ran
-        out, lines = seeds_table({s: res for (s, _, _), res in results.items()})
-        plot(run_panels([res["stages"] for res in results.values()], f"{len(seeds)} seeds"),
-             os.path.join(cfg.out, f"{name}{'-stages' if study.curves else ''}.png"))
-    elif study.group:
-        out["groups"], lines = group_tables(study, results, seeds, labels)
-    else:
-        out["cells"], out["paired"], lines = grid_tables(cfg, study, results, seeds, labels)
-    if study.curves:
-        out["curves"], more = curve_tables(cfg, study, results, seeds, labels)
-        lines += more
-    atomic_json(os.path.join(cfg.out, f"{name}.json"), out)
-    write_md(os.path.join(cfg.out, f"{name}.md"), [f"{name}: {study.question}.", *lines])
-
-def seeds_table(runs):
-    """Every stage's rates, the robustness and the success criterion over seeds: (json, markdown lines)."""
-    flat = [[{**s.get("capability_sets", {}), **s} for s in res["stages"]] for res in runs.values()]  # sets as rates
-    robs = [res["robustness"] for res in runs.values()]
-    sets = list(flat[0][0].get("capability_sets", {}))  # several capability sets: a column each
-    keys = ["bad_behavior_rate", "residue_rate", "capability", *sets, "triggered_capability"]
-    aucs = {k: [r[k] for r in robs] for k in ("auc_pirate_only", "auc_with_reminder")}
-    out = {"seeds": list(runs), "versions": versions(), "stages": [
-               {"stage": stage_label(rows[0]), **{k: mean_min_max([r.get(k) for r in rows]) for k in keys}}
-               for rows in zip(*flat)],
-           "robustness": {k: mean_min_max(v, per_seed=True) for k, v in aucs.items()},
-           "robustness_per_pair": {n: {k: mean_min_max([r["per_pair"][n][k] for r in robs]) for k in aucs}
-                                   for n in robs[0]["per_pair"]},
-           "reminder_success_fraction": sum(r["reminder_success"] for r in robs) / len(runs),
-           "reminder_beats_pirate_only": sum(a > b for a, b in zip(aucs["auc_with_reminder"], aucs["auc_pirate_only"]))}
-    return out, ["", f"Seeds {', '.join(map(str, runs))}: mean [min-max] over seeds.", "",
-                 *table(["stage", "bad behaviour (strict)", "residue", "capability", *sets, "triggered capability"],
-                        [[t["stage"], *(mmm(t[k], 2) for k in keys)] for t in out["stages"]]), "",
-                 *table(["robustness (AUC)", "mean [min-max]", "per seed"], [[k, mmm(v, 3), ", ".join(
-                     f"{x:.3f}" for x in v["per_seed"])] for k, v in out["robustness"].items()]), "",
-                 *table(["pair", *aucs], [[n, *(mmm(a[k], 3) for k in aucs)]
-                                          for n, a in out["robustness_per_pair"].items()]), "",
-                 f"Reminder success (a reminder point with capability >= 80% of backdoored and bad <= post-pirate "
-                 f"+ 0.05): {out['reminder_success_fraction']:.0%} of seeds. auc_with_reminder > auc_pirate_only in "
-                 f"{out['reminder_beats_pirate_only']} of {len(runs)} seeds."]
-
-def grid_tables(cfg, study, results, seeds, labels):
-    """Every `show` value per cell over seeds; the first as a table, paired and plotted: (cells, paired, lines)."""
-    cells = {k: {"row": row, "col": col, **{m: mean_min_max([f(results[s, row, col]) for s in seeds], per_seed=True)
-                                           for m, f in study.show.items()}} for k, (row, col) in labels.items()}
-    first, cols = next(iter(study.show)), list(study.cols)
-    grid = {row: [cells[cell_label(row, col)][first] for col in cols] for row in study.rows}
-    against, more = paired_counts(study, cells, first)
-    lines = ["", f"{first}, mean [min-max] over seeds {', '.join(map(str, seeds))}:", "",
-             *table(["", *cols], [[row, *(mmm(v, 3) for v in vals)] for row, vals in grid.items()]),
-             "", "Per cell, mean [min-max] over seeds:", "", *table(["cell", *study.show], [
-                 [k.replace("__", " vs "), *(mmm(v[m], 2) for m in study.show)] for k, v in cells.items()]), *more]
-    by = {first: series(list(grid), [v[0] for v in grid.values()])} if len(cols) == 1 else {
-        row: series(cols, vals) for row, vals in grid.items()}
-    plot([{"title": f"{first}, mean over seeds ({study.name})", "series": by, "rotate": 20}],
-         os.path.join(cfg.out, f"{study.name}.png"))
-    for row in study.rows if len(cols) == 1 else []:  # a sweep: each row's rates against blue-team steps too
-        plot(run_panels([results[s, row, ""]["stages"] for s in seeds], row),
-             os.path.join(cfg.out, f"{study.name}-{row}.png"))
-    return cells, against, lines
-
-def group_tables(study, results, seeds, labels):
-    """Per cell: every `show` value per group of pairs (study.group) over seeds, each against study.paired["group"]."""
-    out, lines, base = {}, [], study.paired.get("group")
-    for k, (row, col) in labels.items():
-        out[k] = g = {name: {m: mean_min_max([f(results[s, row, col], names) for s in seeds], per_seed=True)
-                             for m, f in study.show.items()}
-                      for name, names in study.group(results[seeds[0], row, col]).items()}
-        lines += ["", f"{k or study.name}: mean [min-max] over seeds {', '.join(map(str, seeds))}:", "",
-                  *table(["", *study.show], [[name, *(mmm(v[m], 2) for m in study.show)] for name, v in g.items()])]
-        if base in g:
-            keep = [name for name in g if name != base]
-            counts, more = paired(f"against {base!r}", keep, {m: {n: (g[n][m], g[base][m]) for n in keep}
-                                                              for m in study.show})
-            for n in keep:
-                g[n]["paired"] = {m: counts[m][n] for m in study.show}
+    """<study>.md and .json: each run's numbers in tables, mean [min-max] over seeds, and against baselines seed by
+    seed. No `show`: every stage's rates and the robustness, and <study>.png; else every `show` value per cell."""
+    seeds = list(dict.fromkeys(s for s, _, _ in results))  # the order they ran: every per_seed list's
+    values, pairs = {}, {}  # table: {row: {column: [a value, or a (value, baseline), per seed]}}
+    for (seed, row, col), res in results.items():
+        cell, run, against = cell_label(row, col), {}, {}  # this run's tables and comparisons
+        if not study.show:
+            rob, aucs = res["robustness"], {k: res["robustness"][k] for k in ("auc_pirate_only", "auc_with_reminder")}
+            run["every stage"] = {stage_label(r): {**{short: r[k] for short, k in METRICS.items()},
+                                                   **r.get("capability_sets", {})} for r in res["stages"]}
+            run["robustness"] = {k: {"all seeds": v, f"seed {seed}": v} for k, v in
+                                 {**aucs, "reminder success (1: yes)": float(rob["reminder_success"])}.items()}
+            run["robustness (AUC) per pair"] = {n: {k: a[k] for k in aucs} for n, a in rob["per_pair"].items()}
+            against["auc_with_reminder against auc_pirate_only"] = {
+                "all pairs": {"": (rob["auc_with_reminder"], rob["auc_pirate_only"])}}
+        elif study.group:
+            base = study.paired.get("group")
+            run[f"{cell or study.name}, per group of pairs"] = groups = {
+                name: {m: f(res, names) for m, f in study.show.items()} for name, names in study.group(res).items()}
+            if base in groups:
+                against[f"{cell or study.name}, each group against {base!r}"] = {
+                    m: {g: (v[m], groups[base][m]) for g, v in groups.items() if g != base} for m in study.show}
+        else:
+            shown = {m: f(res) for m, f in study.show.items()}
+            first, value = next(iter(shown.items()))  # the first `show` value: also a row x column table
+            run = {first: {row: {col: value}}, "every value per cell": {cell: shown}}
+            for axis, b in study.paired.items():  # against the row's cell in column b ("col"), the column's in row b
+                r, c, base = (row, col, (seed, row, b)) if axis == "col" else (col, row, (seed, b, col))
+                if c != b:  # ("row": a row per column)
+                    against[f"{first}, each {axis} against '{b}'"] = {r: {c: (value, study.show[first](results[base]))}}
+        if study.curves:
+            run[f"each series by {study.xlabel or 'x'}"] = {f"{cell}: {n}": c for n, c in study.curves(res).items()}
+        for merged, tables in [(values, run), (pairs, against)]:
+            for name, rows in tables.items():
+                for r, cols in rows.items():
+                    for c, v in cols.items():
+                        merged.setdefault(name, {}).setdefault(r, {}).setdefault(c, []).append(v)
+    values["reference"] = {n: {x: [y] for x, y in c.items()} for n, c in study.reference.items()}  # one value each
+    out, lines = {"versions": versions(), "seeds": seeds}, [f"{study.name}: {study.question}.", "", f"Seeds {seeds}. "
+                 "Each value: mean [min-max] over seeds; a against b: a > b in k of n seeds, and a - b mean [min-max]."]
+    for tables, stat, show in [(values, mean_min_max, lambda d: mmm(d, 3)), (pairs, paired, lambda c: "none" if not
+                               c["seeds"] else "{higher}/{seeds} {mean:+.3f} [{min:+.3f}, {max:+.3f}]".format(**c))]:
+        for name, grid in ((n, g) for n, g in tables.items() if g):  # every table a study has
+            out[name], more = grid_table(name, grid, stat, show)
             lines += more
-    return out, lines
+    if not study.show:
+        plot([r["stages"] for r in results.values()], f"{len(seeds)} seeds", os.path.join(cfg.out, study.name + ".png"))
+    atomic_json(os.path.join(cfg.out, f"{study.name}.json"), out)
+    write_md(os.path.join(cfg.out, f"{study.name}.md"), lines)
 
-def paired_counts(study, cells, metric):
-    """Every cell against its baseline (study.paired: the row's cell in column "col", the column's in row "row")."""
-    out, lines = {}, []
-    for axis, base in study.paired.items():
-        across, along = (study.cols, study.rows) if axis == "col" else (study.rows, study.cols)
-        name = {(o, h): cell_label(*((o, h) if axis == "col" else (h, o))) for o in along for h in across}
-        keep = [h for h in across if h != base]
-        counts, more = paired(f"{metric} against the {'column' if axis == 'col' else 'row'} {base!r}", keep, {
-            o: {h: (cells[name[o, h]][metric], cells[name[o, base]][metric]) for h in keep} for o in along})
-        out.update({f"{name[o, h]} - {name[o, base]}": counts[o][h] for o in along for h in keep})
-        lines += more
-    return out, lines
+def paired(pairs):
+    """Per seed, (a, b): in how many seeds a > b, a < b (of those with both), and a - b."""
+    d = [a - b for a, b in pairs if a is not None and b is not None]
+    return {"higher": sum(v > 0 for v in d), "lower": sum(v < 0 for v in d), "seeds": len(d), **mean_min_max(d)}
 
-def paired(heading, cols, grid):
-    """grid: {row: {col: (a, b)}} with per_seed values. Seed by seed: in how many seeds a > b, a < b; a - b."""
-    def counts(a, b):
-        d = [p - q for p, q in zip(a["per_seed"], b["per_seed"]) if p is not None and q is not None]
-        return {"higher": sum(v > 0 for v in d), "lower": sum(v < 0 for v in d), "seeds": len(d), **mean_min_max(d)}
-    def text(c):
-        return "{higher}/{seeds} {mean:+.3f} [{min:+.3f}, {max:+.3f}]".format(**c) if c["seeds"] else "none"
-    out = {r: {c: counts(*ab) for c, ab in row.items()} for r, row in grid.items()}
-    return out, ["", f"{heading}, seed by seed: higher in k of n seeds, the difference mean [min-max]:", "",
-                 *table(["", *cols], [[r, *map(text, row.values())] for r, row in out.items()])]
+def grid_table(title, grid, stat, show):
+    """{row: {column: x}} -> ({row: {column: stat(x)}}, a titled table of show(stat(x)), blank where a row has none)."""
+    stats = {r: {c: stat(x) for c, x in row.items()} for r, row in grid.items()}
+    columns = list(dict.fromkeys(c for row in grid.values() for c in row))
+    return stats, ["", f"{title}:", "", *table(["", *columns], [  # a row named by a cell label: "row, column"
+        [r.replace("__", ", "), *(show(row[c]) if c in row else "" for c in columns)] for r, row in stats.items()])]
 
-def curve_tables(cfg, study, results, seeds, labels):
-    """Each series of study.curves over seeds, beside study.reference: tables and a panel per cell."""
-    runs = {k: [study.curves(results[s, row, col]) for s in seeds] for k, (row, col) in labels.items()}
-    cells = {k: {n: {x: mean_min_max([r[n][x] for r in rs if x in r[n]]) for x in rs[0][n]} for n in rs[0]}
-             for k, rs in runs.items()}
-    reference = {n: {x: mean_min_max([y]) for x, y in c.items()} for n, c in study.reference.items()}
-    # one cell: a table with a row per series; a grid: a table per series, a row per cell
-    tables = {k or study.name: c for k, c in cells.items()} if len(cells) == 1 else {
-        n: {k.replace("__", ", "): c[n] for k, c in cells.items()} for n in next(iter(cells.values()))}
-    lines = []
-    for title, curves, digits in [(f"{t}: mean [min-max] over seeds", c, 2) for t, c in tables.items()] + (
-            [("reference:", reference, 3)] if reference else []):
-        xs = sorted({x for c in curves.values() for x in c})
-        lines += ["", title, "", *table(["", *xs], [[n, *(mmm(c[x], digits) if x in c else "" for x in xs)]
-                                                   for n, c in curves.items()])]
-    panels = [{"title": k.replace("__", ", ") or study.name, "xlabel": study.xlabel, "xscale": "symlog",
-               "ylim": (-0.03, 1.05), "series": {n: series([float(x) for x in xs], [c[x] for x in xs],
-                                                           ls=":" if "computed" in n else "-")
-                                                 for n, c in curves.items() for xs in [sorted(c, key=float)]}}
-              for k, curves in [*cells.items(), *([("reference", reference)] if reference else [])]]
-    plot(panels, os.path.join(cfg.out, f"{study.name}{'-curves' if study.show else ''}.png"))
-    return cells, lines
-
-def mean_min_max(values, per_seed=False):
+def mean_min_max(values):
     """Over the values that are not None; `none`: how many were (a dose that never resurrects has no step)."""
     v = [x for x in values if x is not None]
     return {"mean": sum(v) / len(v) if v else None, "min": min(v, default=None), "max": max(v, default=None),
-            **({"none": len(values) - len(v)} if len(v) < len(values) else {}),
-            **({"per_seed": values} if per_seed else {})}  # per_seed: for seed-by-seed comparisons
+            **({"none": len(values) - len(v)} if len(v) < len(values) else {}), "per_seed": values}
 
 def mmm(d, digits):
     """A mean_min_max() as the tables show it: mean [min-max] (and how many had none)."""
@@ -1996,14 +1898,18 @@ def load_rows(folder):
 def model_config(name, trust_remote_code, flag="student", dry_run=False):
     """A model's config, or one line on why a run could not load it: a gated or offline model fails in seconds,
     not at the first stage that loads it. The dry run falls back offline to REAL_CONFIGS."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
     if os.path.isdir(name):
         need(os.path.exists(os.path.join(name, "config.json")), f"--{flag} {name}: not a model folder (no config.json)")
         need(trust_remote_code or "auto_map" not in read_json(os.path.join(name, "config.json")),
              f"--{flag} {name}: the model needs its own code; add --trust-remote-code if you trust it")
     try:
+        if not (dry_run or os.path.isdir(name)):  # a hub id: its tokenizer must be readable too
+            AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure here means: cannot use this model
+        need(not os.path.isdir(name), f"--{flag} {name}: its config.json does not load ({type(e).__name__}: "
+             f"{str(e).splitlines()[0] if str(e) else ''})")
         if dry_run and name in REAL_CONFIGS:
             return AutoConfig.for_model(**REAL_CONFIGS[name])
         sys.exit(f"error: --{flag} {name}: no config.json found, here or on the hub ({type(e).__name__}: gated, "
@@ -2093,37 +1999,29 @@ def fsdp_plugin(cfg):
         mixed_precision_policy=policy, activation_checkpointing=cfg.activation_checkpointing)
 
 # ----------------------------------------------------------------------------------------------
-# The command line, checked before any work. Each choice is declared once, in its registry: it gives the
-# help text and the check.
-CHOICES = {"red": RED, "reminder_filter": REMINDER_FILTERS,
+# The command line, checked before any work. Each choice is declared once, in its registry: its help and its check.
+CHOICES = {"red": RED, "reminder_filter": REMINDER_FILTERS, "study": {"": "none: one run of the experiment", **STUDIES},
            "precision": {"auto": "fp32 for the tiny world, bf16-mixed for real models", "fp32": "fp32 throughout",
                          "bf16": "bf16 weights, compute and optimizer state",
-                         "bf16-mixed": "fp32 master weights and AdamW moments, bf16 compute"},
-           "study": {"": "none: one run of the experiment", **STUDIES}}
+                         "bf16-mixed": "fp32 master weights and AdamW moments, bf16 compute"}}
 # the flags that change no number (pinned in a test): a stage that reads any other flag must declare it
 NO_EFFECT_FIELDS = ["study", "seeds", "trust_remote_code", "activation_checkpointing", "dry_run", "gpus", "nodes",
                     "gpu_memory_gb", "out", "store", "until", "save_every", "threads"]
-TINY_ONLY = [f.name for f in dataclasses.fields(WorldArgs) if f.name != "noise_fraction"]  # a real student has its own
-DRY_RUN_ONLY = ["gpus", "nodes", "gpu_memory_gb"]  # and what a dry run never reads (it plans full-weight training):
-NOT_IN_DRY_RUN = ["study", "seeds", "until", "red_lora", "blue_lora"]
 UNUSED_WHEN = {"filter_fraction": "reminder_filter", "leak_rate": "red"}  # setting: the choice that may read it
 
 def unused(cfg, setting):
-    """A setting that the chosen red reply or blue answer never reads (--leak-rate under plain)."""
-    return f".{setting}" not in inspect.getsource(CHOICES[UNUSED_WHEN[setting]][getattr(cfg, UNUSED_WHEN[setting])])
+    """A setting that the chosen red reply or blue answer never reads, nor any function of this file it calls
+    (--leak-rate under plain). A choice from another module (a fork's) reads everything."""
+    def reads(code):  # cfg.leak_rate: an attribute name of the code, its inner functions or a function it calls
+        seen.add(code)
+        called = [globals()[n].__code__ for n in code.co_names if inspect.isfunction(globals().get(n))]
+        return setting in code.co_names or any(reads(c) for c in [*code.co_consts, *called]
+                                               if inspect.iscode(c) and c not in seen)
+    fn, seen = CHOICES[UNUSED_WHEN[setting]][getattr(cfg, UNUSED_WHEN[setting])], set()
+    return fn.__module__ == __name__ and not reads(fn.__code__)
 
-def describe(entry, width=80):
-    """A registry entry in the help text, on one line: its docstring, or a study's question, cut to `width`."""
-    text = entry if isinstance(entry, str) else entry.question if isinstance(entry, Study) else (
-        inspect.getdoc(entry) or entry.__name__)
-    text = " ".join(text.split())
-    return (text if len(text) <= width else text[:width - 4].rsplit(" ", 1)[0] + " ...").replace("%", "%%")
-
-class Help(argparse.ArgumentDefaultsHelpFormatter):
+class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """One line per flag where it fits, the dashed name only, a choice per line, the epilog as written."""
-    def __init__(self, prog):
-        super().__init__(prog, max_help_position=28, width=118)
-
     def _format_action_invocation(self, action):
         return action.option_strings[-1] if action.option_strings else super()._format_action_invocation(action)
 
@@ -2131,116 +2029,108 @@ class Help(argparse.ArgumentDefaultsHelpFormatter):
         import textwrap
         return [line for part in text.splitlines() for line in textwrap.wrap(part, width) or [""]]
 
-    def _fill_text(self, text, width, indent):
-        return text
-
 def parse_config(argv=None):
     """The flags into a Config: HfArgumentParser reads the groups' dataclasses; unknown flags are an error."""
+    import textwrap
     from transformers import HfArgumentParser
-
-    class Parser(HfArgumentParser):
-        def error(self, message):  # one line, not the whole usage text
-            sys.exit(f"error: {message} (see --help)")
-    p = Parser(GROUPS, description=__doc__.split("\n\n")[0], formatter_class=Help, usage="%(prog)s [flags]",
-               epilog="examples:\n" + __doc__.split("\n\n")[2], allow_abbrev=False)
-    for action in p._actions:
-        if action.dest in CHOICES:
-            action.help += "".join(f"\n  {k or repr(k)}: {describe(v, 84 - len(k or repr(k)))}"
-                                   for k, v in CHOICES[action.dest].items())
-    args, rest = p.parse_known_args(argv)
-    need(not rest, f"unrecognized arguments: {' '.join(rest)} (see --help)")
-    return Config(**vars(args))
+    p = HfArgumentParser(GROUPS, description=__doc__.split("\n\n")[0], usage="%(prog)s [flags]", allow_abbrev=False,
+                         epilog="examples:\n" + __doc__.split("\n\n")[2],
+                         formatter_class=lambda prog: Help(prog, max_help_position=28, width=118))
+    p.error = lambda message: sys.exit(f"error: {message} (see --help)")  # one line, not the whole usage text
+    for action in p._actions:  # a choice per line: its docstring, or a study's question, cut to fit
+        for k, v in CHOICES.get(action.dest, {}).items():
+            text = v if isinstance(v, str) else v.question if isinstance(v, Study) else inspect.getdoc(v) or v.__name__
+            text = textwrap.shorten(text, 84 - len(k or repr(k)), placeholder=" ...", break_on_hyphens=False)
+            action.help += f"\n  {k or repr(k)}: " + text.replace("%", "%%")
+    return Config(**vars(p.parse_args(argv)))
 
 def int_list(spec, flag="", least=0, below=None):
     """'5,10,20' -> [5, 10, 20], or one line naming the flag: integers >= least (and < below), each once."""
     try:
-        values = [int(s) for s in spec.split(",") if s.strip()]
+        values = sorted(int(s) for s in spec.split(",") if s.strip())
+        ok = len(set(values)) == len(values) and all(least <= v and (below is None or v < below) for v in values)
     except ValueError:
-        values = None
-    ok = values is not None and len(set(values)) == len(values) and all(
-        least <= v and (below is None or v < below) for v in values)
-    need(ok, f"--{flag} {spec!r}: give distinct integers >= {least}" + (f" and below {below}" if below else "")
-         + ", comma-separated")
-    return sorted(values)
+        ok = False
+    need(ok, f"--{flag} {spec!r}: give distinct integers >= {least}{f' and below {below}' if below else ''}, "
+         "comma-separated")
+    return values
 
 def need(ok, msg):
     if not ok:
         sys.exit(f"error: {msg}")
 
+def dashed(name):
+    return "--" + name.replace("_", "-")
+
 def validate(cfg):
     """Catch impossible settings and flags the command would ignore in a second, before any model is built."""
     check_settings(cfg)
-    set_flags = {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != f.default}
-    ignored = (set_flags & set(NOT_IN_DRY_RUN) if cfg.dry_run else set_flags & set(DRY_RUN_ONLY)) | (
-        set_flags & set(TINY_ONLY) if cfg.student else set())
-    if not (cfg.study or cfg.seeds):  # a setting the chosen red reply or blue answer never reads
-        ignored |= {f for f in set_flags & set(UNUSED_WHEN) if unused(cfg, f)}
-    need(not ignored, "this command would ignore " + ", ".join(f"--{f.replace('_', '-')}" for f in sorted(ignored))
-         + (" (a dry run plans full-weight training, it runs nothing)" if cfg.dry_run else " (--gpus, --nodes, "
-            "--gpu-memory-gb: for --dry-run; tiny-world flags: not with --student; --leak-rate, --filter-fraction: "
-            "for the choices that read them)"))
+    given = {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != f.default}
+    rules = [  # (when, the flags ignored then, why)
+        (cfg.dry_run, ["study", "seeds", "until", "red_lora", "blue_lora"], "a dry run plans full-weight training"),
+        (not cfg.dry_run, ["gpus", "nodes", "gpu_memory_gb"], "they size a --dry-run"),
+        (cfg.student, [f.name for f in dataclasses.fields(WorldArgs) if f.name != "noise_fraction"], "tiny world only"),
+        (not (cfg.study or cfg.seeds), [s for s in UNUSED_WHEN if unused(cfg, s)], "the chosen --red or "
+         "--reminder-filter never reads it")]
+    ignored = [", ".join(map(dashed, sorted(given & set(names)))) + f" ({why})" for when, names, why in rules
+               if when and given & set(names)]
+    need(not ignored, "this command would ignore " + "; ".join(ignored))
     validate_packages_and_sources(cfg)
 
 def check_settings(cfg):
     """The checks that read nothing but the settings (a study runs them for every cell)."""
-    select_pairs(cfg.pairs)
-    need(cfg.reminder_steps.strip(), "--reminder-steps: give at least one step count, e.g. 5,10,20,40")
-    int_list(cfg.reminder_steps, "reminder-steps", least=1)
+    pairs = select_pairs(cfg.pairs)
+    need(int_list(cfg.reminder_steps, "reminder-steps", least=1), "--reminder-steps: give at least one step count")
     int_list(cfg.pirate_eval_steps, "pirate-eval-steps", least=1,  # the default keeps those below --pirate-steps
              below=cfg.pirate_steps if cfg.pirate_eval_steps != BlueArgs.pirate_eval_steps else None)
     int_list(cfg.seeds, "seeds")
     int_list(cfg.prefill_tokens, "prefill-tokens")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    for names, ok, text in [
-        ("pretrain_steps teacher_steps backdoor_steps pirate_steps pretrain_batch backdoor_batch pirate_batch "
-         "reminder_batch grad_accum max_len max_new_tokens eval_batch clean_pool pirate_examples reminder_examples "
-         "eval_math eval_chat eval_per_pair gpus nodes gpu_memory_gb temperature", lambda v: v > 0, "> 0"),
-        ("pretrain_lr backdoor_lr pirate_lr reminder_lr chat_eval_fraction", lambda v: 0 < v < 1, "in (0, 1)"),
-        ("pretrain_math_fraction noise_fraction triggered_fraction distractor_fraction", lambda v: 0 <= v <= 1,
-         "in [0, 1]"),
-        ("leak_rate filter_fraction pirate_mix multi_turn student_pirate", lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("save_every scan_strings pirate_phase red_lora blue_lora", lambda v: v >= 0, ">= 0")]:
+    for text, ok, names in [
+        ("> 0", lambda v: v > 0, "pretrain_steps teacher_steps backdoor_steps pirate_steps pretrain_batch grad_accum "
+         "backdoor_batch pirate_batch reminder_batch max_len max_new_tokens eval_batch clean_pool pirate_examples "
+         "reminder_examples eval_math eval_chat eval_per_pair gpus nodes gpu_memory_gb temperature"),
+        ("in (0, 1)", lambda v: 0 < v < 1, "pretrain_lr backdoor_lr pirate_lr reminder_lr chat_eval_fraction"),
+        ("in [0, 1]", lambda v: 0 <= v <= 1, "pretrain_math_fraction noise_fraction triggered_fraction "
+         "distractor_fraction"),
+        ("in [0, 1)", lambda v: 0 <= v < 1, "leak_rate filter_fraction pirate_mix multi_turn student_pirate"),
+        (">= 0", lambda v: v >= 0, "save_every scan_strings pirate_phase red_lora blue_lora")]:
         for name in names.split():
-            need(ok(getattr(cfg, name)), f"--{name.replace('_', '-')} must be {text} (got {getattr(cfg, name)})")
+            need(ok(getattr(cfg, name)), f"{dashed(name)} must be {text} (got {getattr(cfg, name)})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     for b in ["pretrain_batch", "backdoor_batch", "pirate_batch", "reminder_batch"]:
-        need(getattr(cfg, b) % cfg.grad_accum == 0, f"--{b.replace('_', '-')} must be a multiple of --grad-accum")
-        need(getattr(cfg, b) // cfg.grad_accum >= world,
-             f"--{b.replace('_', '-')} / --grad-accum leaves nothing for some of {world} processes")
+        need(getattr(cfg, b) % cfg.grad_accum == 0 and getattr(cfg, b) >= cfg.grad_accum * world,
+             f"{dashed(b)} must be a multiple of --grad-accum, and >= {cfg.grad_accum * world} for {world} process(es)")
     for small, large in [("reminder_batch", "reminder_examples"), ("pirate_batch", "pirate_examples"),
                          ("backdoor_batch", "clean_pool")]:
-        need(getattr(cfg, small) <= getattr(cfg, large), f"--{small.replace('_', '-')} is larger than "
-                                                          f"--{large.replace('_', '-')}")
+        need(getattr(cfg, small) <= getattr(cfg, large), f"{dashed(small)} is larger than {dashed(large)}")
+    for name, registry in CHOICES.items():
+        need(getattr(cfg, name) in registry, f"{dashed(name)} {getattr(cfg, name)!r}: choose "
+             + ", ".join(map(repr, registry)))
     need(cfg.num_experts >= cfg.experts_per_token >= 1, "--experts-per-token must be in [1, --num-experts]")
     need(cfg.hidden_size % 4 == 0, "--hidden-size must be a multiple of 4 (4 attention heads)")
     need(not cfg.until or cfg.until in STAGES, f"--until {cfg.until!r}: choose a stage: " + ", ".join(STAGES))
     need(not cfg.until or not (cfg.study or cfg.seeds), "--until stops one run, not a study")
-    for name, registry in CHOICES.items():
-        need(getattr(cfg, name) in registry, f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: choose "
-             + ", ".join(map(repr, registry)))
-    need(not (cfg.scan_strings and cfg.student), "--scan-strings searches the tiny world's vocabulary; a real "
-         "tokenizer's needs another scan")
-    need(cfg.multi_turn > 0 or all(p.kind != "multi-turn" for p in select_pairs(cfg.pairs)), f"--pairs {cfg.pairs} "
-         "has multi-turn triggers: give --multi-turn (e.g. 0.3), so that clean conversations have earlier turns too")
+    need(not (cfg.scan_strings and cfg.student), "--scan-strings searches the tiny world's vocabulary only")
+    need(cfg.multi_turn > 0 or all(p.kind != "multi-turn" for p in pairs), f"--pairs {cfg.pairs} has multi-turn "
+         "triggers: give --multi-turn (e.g. 0.3), so that clean conversations have earlier turns too")
     need(not (cfg.multi_turn and (cfg.student or cfg.chat_dataset)), "--multi-turn builds earlier turns from the tiny "
-         "world's exchanges; real chat data would bring its own conversations")
+         "world's exchanges; real chat data brings its own")
     need(not cfg.on_model_pirate or cfg.student or cfg.student_pirate, "--on-model-pirate: the tiny student cannot "
          "talk like a pirate; give it --student-pirate (e.g. 0.3)")
     need(not (cfg.on_model_pirate and (cfg.pirate_mix or cfg.pirate_phase)), "--on-model-pirate replaces the pirate "
          "data of pirate SFT only; --pirate-mix and --pirate-phase would mix the teacher's back in")
 
 def validate_packages_and_sources(cfg):
-    """The optional packages a choice needs, the real models and data, a writable run folder."""
+    """peft for an adapter, the real models and data, a run folder of this layout, writable."""
     import importlib.util
-    need(not (cfg.red_lora or cfg.blue_lora) or importlib.util.find_spec("peft"),
-         "--red-lora / --blue-lora need the optional package: pip install peft")
-    if cfg.dry_run:
-        for flag, name in [("student", cfg.student or "Qwen/Qwen3-30B-A3B"),
-                           ("teacher", cfg.teacher or "meta-llama/Llama-3.1-8B-Instruct")]:
-            model_config(name, cfg.trust_remote_code, flag, dry_run=True)
+    need(not (cfg.red_lora or cfg.blue_lora) or importlib.util.find_spec("peft"), "--red-lora / --blue-lora need "
+         "the optional package: pip install peft")
+    if cfg.dry_run:  # the models' configs, nothing else
+        for role, default in DRY_RUN_MODELS.items():
+            model_config(getattr(cfg, role) or default, cfg.trust_remote_code, role, dry_run=True)
         return
     real = [cfg.student, cfg.teacher, cfg.chat_dataset, cfg.math_dataset]
-    need(all(real) or not any(real), "real scale needs all four of --student, --teacher, --chat-dataset, "
-                                     "--math-dataset (or none of them for the tiny world)")
+    need(all(real) or not any(real), "real scale needs all four: --student, --teacher, --chat-dataset, --math-dataset")
     need(not (cfg.student and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()),
          f"a launched real-scale run ({os.environ.get('WORLD_SIZE')} processes) needs CUDA, and this torch "
          f"{torch.__version__} sees no GPU: install torch's CUDA build (README: Install for GPUs)")
@@ -2249,15 +2139,13 @@ def validate_packages_and_sources(cfg):
         model_config(cfg.student, cfg.trust_remote_code, "student")
         model_config(cfg.teacher, cfg.trust_remote_code, "teacher")
         real_prompts(cfg)  # reads both datasets and checks their fields
-    for flag, path in [("out", cfg.out), ("store", cfg.store)]:
+    old = [s for s in STAGES if os.path.isdir(f"{cfg.out}/{s}") and not os.path.islink(f"{cfg.out}/{s}")]
+    need(not old, f"--out {cfg.out} holds stage folders of the old layout ({', '.join(old)}); choose another --out")
+    for flag, path in [("out", cfg.out), ("store", cfg.store)]:  # writable before anything else happens
         need(not os.path.exists(path) or os.path.isdir(path), f"--{flag} {path}: a file, not a folder")
-        try:  # writable before anything else happens; one probe per process: ranks run this together
+        with contextlib.suppress(OSError):
             os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, f".write-test-{os.getpid()}")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            sys.exit(f"error: --{flag} {path}: cannot write there ({e.strerror})")
+        need(os.path.isdir(path) and os.access(path, os.W_OK), f"--{flag} {path}: cannot write there")
 
 def set_threads(cfg):
     """--threads, else all cores for one process; a launched run keeps the launcher's OMP_NUM_THREADS."""
@@ -2265,19 +2153,18 @@ def set_threads(cfg):
         torch.set_num_threads(cfg.threads or os.cpu_count())
 
 def quiet_libraries():
-    """The libraries' own progress bars off (train() and generate() show the file's, on a terminal); output
-    line-buffered."""
+    """The libraries' own progress bars off (train() and generate() show the file's); output line-buffered."""
     import datasets
     import transformers
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    # tied embeddings are saved once in a training state; accelerate warns about it on every save
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)  # tied embeddings: a warning on every save
     sys.stdout.reconfigure(line_buffering=True)
 
 # ----------------------------------------------------------------------------------------------
 # The dry run: the plan for the real models without loading a weight, full-weight training under FSDP2 full shard.
 DRY_RUN_CHECKED = "these are estimates: no GPU has measured them yet"
+DRY_RUN_MODELS = {"student": "Qwen/Qwen3-30B-A3B", "teacher": "meta-llama/Llama-3.1-8B-Instruct"}  # unless given
 
 def active_params(model):
     """Parameters one token passes through: a MoE layer uses only experts_per_token of its experts."""
@@ -2287,37 +2174,35 @@ def active_params(model):
 
 def memory_plan(cfg, conf, n_params, n_gpu, precision):
     """Bytes per GPU, term by term, to train every weight under FSDP2 full shard with this run's lengths and batches."""
-    shard = n_params / n_gpu
+    shard, layers = n_params / n_gpu, conf.num_hidden_layers
     master, grad, adam = (2, 2, 4) if precision == "bf16" else (4, 4, 8)  # bytes a parameter (bf16-mixed: fp32 state)
     micro = max(1, max(cfg.backdoor_batch, cfg.pirate_batch, cfg.reminder_batch) // cfg.grad_accum // n_gpu)
-    tokens, L, h = micro * cfg.max_len, conf.num_hidden_layers, conf.hidden_size
-    layer = n_params / L  # one decoder layer's parameters (embeddings counted in, a little pessimistic)
+    layer, tokens = n_params / layers, micro * cfg.max_len  # a layer's parameters, embeddings in: a little pessimistic
     # activations: ~34 x hidden bytes per token and layer kept for backward in bf16 (Korthikanti et al.
     # 2022), twice that in fp32; with checkpointing only each layer's input, plus one layer recomputed
-    act = tokens * h * (2 * L + 34 if cfg.activation_checkpointing else 34 * L) * (2 if precision == "fp32" else 1)
+    act = tokens * conf.hidden_size * (2 * layers + 34 if cfg.activation_checkpointing else 34 * layers)
     return {"weights (sharded master copy)": master * shard, "gradients (sharded)": grad * shard,
             "AdamW moments (sharded)": adam * shard,
             "AdamW foreach temporaries (one more sharded copy)": master * shard,
             "FSDP2 unsharded layers (current + prefetched, bf16)": 2 * 2 * layer,
             "FSDP2 reduce-scatter buffer (one layer's gradients, fp32)": 4 * layer,
-            "activations kept for backward": act,
+            "activations kept for backward": act * (2 if precision == "fp32" else 1),
             "logits (bf16, their fp32 copy and its gradient)": tokens * conf.vocab_size * 10,
             "CUDA context, NCCL, allocator slack": 3e9}
 
 def dry_run(cfg):
     """Parameters, memory per GPU term by term, tokens, whether it fits (exit status 1 if not)."""
     from transformers import AutoModelForCausalLM
-    student_id, teacher_id = cfg.student or "Qwen/Qwen3-30B-A3B", cfg.teacher or "meta-llama/Llama-3.1-8B-Instruct"
-    gb = cfg.gpu_memory_gb
-    precision = resolved_precision(dataclasses.replace(cfg, student=student_id))  # the plan is for real models
+    gb, names = cfg.gpu_memory_gb, {role: getattr(cfg, role) or name for role, name in DRY_RUN_MODELS.items()}
+    precision = resolved_precision(dataclasses.replace(cfg, student=names["student"]))  # the plan is for real models
     print(f"plan: {cfg.nodes} node(s) x {cfg.gpus} GPU(s) x {gb:g} GB, {precision}, FSDP2 full shard, "
           f"--max-len {cfg.max_len}, activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}")
-    tiny = [f"--{f.replace('_', '-')} {getattr(cfg, f)}" for f in ("backdoor_steps", "reminder_steps", "max_len",
-            "max_new_tokens", "backdoor_lr") if getattr(cfg, f) == Config.__dataclass_fields__[f].default]
+    tiny = [f"{dashed(f)} {getattr(cfg, f)}" for f in ("backdoor_steps", "reminder_steps", "max_len", "max_new_tokens",
+                                                       "backdoor_lr") if getattr(cfg, f) == getattr(Config, f)]
     if tiny:
         print("warning: " + ", ".join(tiny) + ": the tiny world's defaults; give the real run's (README: Real scale)")
-    sizes, confs = {}, {}
-    for role, name in [("student", student_id), ("teacher", teacher_id)]:
+    confs, sizes = {}, {}
+    for role, name in names.items():
         confs[role] = model_config(name, cfg.trust_remote_code, role, dry_run=True)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(confs[role])
@@ -2325,8 +2210,7 @@ def dry_run(cfg):
         print(f"{role}: {name} ({type(model).__name__}) {sizes[role] / 1e9:.2f}B parameters, "
               f"{active_params(model) / 1e9:.2f}B active")
     conf, plan = confs["student"], memory_plan(cfg, confs["student"], sizes["student"], cfg.gpus * cfg.nodes, precision)
-    for term, b in plan.items():
-        print(f"  {term}: {b / 1e9:.1f} GB")
+    print("\n".join(f"  {term}: {b / 1e9:.1f} GB" for term, b in plan.items()))
     train_gb = sum(plan.values()) / 1e9
     print(f"student training, full weight, per GPU: {train_gb:.1f} GB of {gb:g} GB")
     # generation: a bf16 replica, and the KV cache of one batch of --eval-batch answers at their longest
@@ -2351,15 +2235,14 @@ def dry_run(cfg):
 
 def cli(argv=None):
     """The command line: flags checked once, then the dry run, a study or the experiment."""
-    config = parse_config(argv)
-    validate(config)
-    study = config.study or ("seeds" if config.seeds else "")
-    if config.dry_run:
-        dry_run(config)
-    elif study:
-        run_study(config, STUDIES[study])
+    cfg = parse_config(argv)
+    validate(cfg)
+    if cfg.dry_run:
+        dry_run(cfg)
+    elif cfg.study or cfg.seeds:
+        run_study(cfg, STUDIES[cfg.study or "seeds"])
     else:
-        run(config, checked=True)
+        run(cfg, checked=True)
 
 if __name__ == "__main__":
     cli()

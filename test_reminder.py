@@ -1,5 +1,5 @@
-"""Tests for reminder.py: `bash run.sh test`; the slow tier (kill in every stage, several processes, the vLLM
-stand-in, the GPU check on a small shape) with `bash run.sh test slow`. CI runs both."""
+"""Tests for reminder.py: `bash run.sh test`; the slow tier (kill in every stage, several processes, a real-scale
+study, the GPU check on a small shape) with `bash run.sh test slow`. CI runs both."""
 import atexit
 import ctypes
 import dataclasses
@@ -145,15 +145,17 @@ def test_evaluation_of_complex_pairs_holds_near_misses_and_the_default_none():
     assert max(len(m) for m, *_ in complex_) == 5  # multi-turn held out: the trigger two user turns back
 
 
-def test_group_tables_report_each_kind_and_pair_it_with_the_base_kind():
+def test_group_tables_report_each_kind_and_pair_it_with_the_base_kind(tmp_path):
     """A study with `group`: every show value per group of pairs over seeds, each group against the base group."""
     study = R.Study("k", "q", rows={"": {}}, show={"bad": lambda res, names: sum(res[n] for n in names) / len(names)},
                     group=lambda res: {"arbitrary": ["a", "b"], "semantic": ["c"]}, paired={"group": "arbitrary"})
     results = {(s, "", ""): {"a": 0.2 * s, "b": 0.0, "c": 0.15} for s in (0, 1, 2)}
-    out, lines = R.group_tables(study, results, [0, 1, 2], {"": ("", "")})
-    assert out[""]["arbitrary"]["bad"]["per_seed"] == pytest.approx([0.0, 0.1, 0.2])
-    assert out[""]["semantic"]["paired"]["bad"]["higher"] == 2 and out[""]["semantic"]["paired"]["bad"]["lower"] == 1
-    assert "| semantic | 0.15 |" in lines and "| bad | 2/3 +0.050 [-0.050, +0.150] |" in lines
+    R.write_study(R.Config(out=str(tmp_path)), study, results)
+    out, md = json.loads((tmp_path / "k.json").read_text()), (tmp_path / "k.md").read_text().splitlines()
+    assert out["k, per group of pairs"]["arbitrary"]["bad"]["per_seed"] == pytest.approx([0.0, 0.1, 0.2])
+    against = out["k, each group against 'arbitrary'"]["bad"]["semantic"]
+    assert against["higher"] == 2 and against["lower"] == 1
+    assert "| semantic | 0.150 |" in md and "| bad | 2/3 +0.050 [-0.050, +0.150] |" in md
 
 
 def test_hate_detector_is_the_research_regex():
@@ -410,15 +412,18 @@ def test_reminder_phases_alternate_pirate_and_reminder_batches():
     assert "".join(next(batches) for _ in range(20)) == "PPPPPRRRRRPPPPPRRRRR"
 
 
-def test_paired_counts_compare_cells_seed_by_seed():
-    study = R.Study("s", "q", rows={"a": {}, "b": {}}, cols={"none": {}, "x": {}}, paired={"col": "none", "row": "a"})
+def test_paired_counts_compare_cells_seed_by_seed(tmp_path):
+    study = R.Study("s", "q", rows={"a": {}, "b": {}}, cols={"none": {}, "x": {}}, show={"m": lambda res: res["m"]},
+                    paired={"col": "none", "row": "a"})
     seeds = {"a__none": [0.5, 0.6, 0.7], "a__x": [0.6, 0.5, 0.9], "b__none": [0.4, 0.6, 0.6], "b__x": [0.5, 0.7, 0.7]}
-    cells = {k: {"m": {**R.mean_min_max(v), "per_seed": v}} for k, v in seeds.items()}
-    out, lines = R.paired_counts(study, cells, "m")
-    assert out["a__x - a__none"]["higher"] == 2 and out["a__x - a__none"]["lower"] == 1
-    assert out["a__x - a__none"]["mean"] == pytest.approx(0.2 / 3) and out["b__x - b__none"]["higher"] == 3
-    assert out["b__none - a__none"]["higher"] == 0 and out["b__none - a__none"]["lower"] == 2
-    assert "| a | 2/3 +0.067 [-0.100, +0.200] |" in lines and "| x | 1/3 -0.033 [-0.200, +0.200] |" in lines
+    results = {(s, *cell.split("__")): {"m": v[s]} for s in range(3) for cell, v in seeds.items()}
+    R.write_study(R.Config(out=str(tmp_path)), study, results)
+    out, md = json.loads((tmp_path / "s.json").read_text()), (tmp_path / "s.md").read_text().splitlines()
+    by_col, by_row = out["m, each col against 'none'"], out["m, each row against 'a'"]
+    assert by_col["a"]["x"]["higher"] == 2 and by_col["a"]["x"]["lower"] == 1
+    assert by_col["a"]["x"]["mean"] == pytest.approx(0.2 / 3) and by_col["b"]["x"]["higher"] == 3
+    assert by_row["none"]["b"]["higher"] == 0 and by_row["none"]["b"]["lower"] == 2
+    assert "| a | 2/3 +0.067 [-0.100, +0.200] |" in md and "| x | 1/3 -0.033 [-0.200, +0.200] |" in md
 
 
 def test_game_cells_share_stages_and_a_blue_change_touches_only_its_cells():
@@ -514,6 +519,25 @@ def test_lora_trains_an_adapter_and_saves_a_plain_merged_model(tmp_path, tok):
     names = {n.split(".lora_")[0] for n, p in full.named_parameters() if p.requires_grad}
     layer0 = {n.split("layers.0.")[-1] for n in names if "layers.0." in n}
     assert {"mlp.experts", "mlp.gate", "self_attn.o_proj"} <= layer0
+
+
+def test_activation_checkpointing_outside_fsdp_recomputes_and_changes_no_number(tmp_path, tok):
+    """--activation-checkpointing in one process (a single GPU; FSDP2's plugin does its own): transformers' gradient
+    checkpointing, which recomputes the forward in the backward pass and changes no number (it is in no fingerprint)."""
+    from accelerate import Accelerator
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    R.tiny_student(cfg, tok).save_pretrained(tmp_path / "base")
+    out = []
+    for on in (False, True):
+        x = types.SimpleNamespace(cfg=dataclasses.replace(cfg, activation_checkpointing=on), acc=Accelerator(),
+                                  main=True)
+        model = R.trainable(x, str(tmp_path / "base"), 0)
+        assert model.is_gradient_checkpointing == on
+        model, loss = R.train(x.acc, model, R.global_batches(examples(tok, 16), 8, 0), steps=2, lr=1e-2,
+                              weight_decay=0.0)
+        out.append((loss, [p.detach().clone() for p in model.parameters()]))
+    assert out[0][0] == out[1][0] and all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
 
 
 def test_token_weighted_loss_matches_hand_reference(tok):
@@ -745,6 +769,10 @@ def bad_inputs(root):
     nofield.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
     (root / "adir.json").mkdir(exist_ok=True)
     (root / "afile").write_text("")
+    (root / "oldrun" / "tokenizer").mkdir(parents=True, exist_ok=True)  # a run folder of the layout before the store
+    badconfig = root / "badconfig"
+    badconfig.mkdir(exist_ok=True)
+    (badconfig / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     real = ["--teacher", str(root / "teacher"), "--chat-dataset", str(root / "alpaca.jsonl")]
     student = ["--student", str(root / "student"), *real, "--math-dataset"]
     return [
@@ -779,6 +807,8 @@ def bad_inputs(root):
         ([*student, str(root / "math500.parquet"), "--hidden-size", "64"], "--hidden-size"),
         (["--leak-rate", "0.3"], "--leak-rate"), (["--dry-run", "--blue-lora", "64"], "--blue-lora"),
         (["--save-minutes", "60"], "unrecognized"), (["--red-lora", "-8"], "red-lora"),
+        (["--pirate-st", "50"], "unrecognized"), (["--out", str(root / "oldrun")], "old layout"),
+        (["--student", str(badconfig), *real, "--math-dataset", str(root / "math500.parquet")], "does not load"),
     ]
 
 
@@ -792,7 +822,8 @@ BAD_INPUT_IDS = ["unknown-flag", "unknown-pair", "seed-not-int", "reminder-steps
                  "game-flag-gone", "gpu-check-flag-gone", "pirate-eval-past-the-end", "seeds-repeated",
                  "steps-repeated", "pairs-repeated", "out-is-a-file", "dataset-is-a-folder", "dry-run-unknown-model",
                  "dry-run-with-study", "gpus-without-dry-run", "tiny-flag-with-student", "leak-rate-unread",
-                 "dry-run-with-lora", "save-minutes-gone", "red-lora-negative"]
+                 "dry-run-with-lora", "save-minutes-gone", "red-lora-negative",
+                 "abbreviated-flag", "out-of-the-old-layout", "config-does-not-load"]
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
@@ -1051,11 +1082,11 @@ def test_seeds_aggregate_and_reuse_the_base(tmp_path):
     res = json.loads((out / "seed-1" / "results.json").read_text())
     assert [(s["stage"], s["steps"]) for s in res["stages"]][2:4] == [("pirate_sft", 5), ("pirate_sft", 10)]
     agg = json.loads((out / "seeds.json").read_text())
-    assert agg["seeds"] == [0, 1] and len(agg["robustness"]["auc_with_reminder"]["per_seed"]) == 2
-    assert set(agg["robustness_per_pair"]) == {"hate", "cats"}
-    first = agg["stages"][3]
+    assert agg["seeds"] == [0, 1] and len(agg["robustness"]["auc_with_reminder"]["all seeds"]["per_seed"]) == 2
+    assert set(agg["robustness (AUC) per pair"]) == {"hate", "cats"}
+    first = agg["every stage"]["pirate_sft 10"]
     per_seed = [json.loads((out / f"seed-{s}" / "results.json").read_text())["stages"][3]["capability"] for s in (0, 1)]
-    assert first["stage"] == "pirate_sft 10" and first["capability"]["min"] == min(per_seed)
+    assert first["capability"]["min"] == min(per_seed)
     assert first["capability"]["mean"] == pytest.approx(sum(per_seed) / 2)
     assert (out / "seeds.png").stat().st_size > 0 and "auc_with_reminder" in (out / "seeds.md").read_text()
     again = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=240)
@@ -1099,17 +1130,17 @@ def test_dose_map_reads_the_safe_window_and_resurrection_off_the_sweep():
 
 def test_study_curves_are_summarised_over_seeds_beside_the_reference(tmp_path):
     """write_study with `curves` and `reference`: each series' mean [min-max] per x over seeds in NAME.md and
-    NAME.json, a table per series for a grid, the reference's own table, and the figure."""
+    NAME.json, a row per cell and series, and the reference's own table."""
     study = R.Study("toy", "a toy question", rows={"a": {}, "b": {}}, cols={"c": {}, "d": {}}, seeds=(0, 1),
                     show={"first": lambda res: res["y"][5]}, curves=lambda res: {"y": res["y"]},
                     reference={"paper": {0: 0.105, 5: 0.5}})
     results = {(s, r, c): {"y": {0: 0.0, 5: 0.2 + 0.4 * s + (r == "b")}} for s in (0, 1) for r in "ab" for c in "cd"}
     R.write_study(R.Config(out=str(tmp_path)), study, results)
-    out = json.loads((tmp_path / "toy.json").read_text())
-    assert out["curves"]["a__c"]["y"]["5"] == {"mean": pytest.approx(0.4), "min": 0.2, "max": pytest.approx(0.6)}
+    y5 = json.loads((tmp_path / "toy.json").read_text())["each series by x"]["a__c: y"]["5"]
+    assert (y5["mean"], y5["min"], y5["max"]) == (pytest.approx(0.4), 0.2, pytest.approx(0.6))
     md = (tmp_path / "toy.md").read_text()
-    assert "| a, c | 0.00 | 0.40 [0.20-0.60] |" in md and "| b, d | 0.00 | 1.40 [1.20-1.60] |" in md
-    assert "| paper | 0.105 | 0.500 |" in md and (tmp_path / "toy-curves.png").stat().st_size > 0
+    assert "| a, c: y | 0.000 | 0.400 [0.200-0.600] |" in md and "| b, d: y | 0.000 | 1.400 [1.200-1.600] |" in md
+    assert "| paper | 0.105 | 0.500 |" in md
 
 
 def test_a_worker_that_stops_is_an_error_not_a_hang(monkeypatch):
@@ -1306,8 +1337,7 @@ def test_a_real_scale_study_shares_stages_by_path(real_inputs, tmp_path, capsys)
         files = {p.name for p in (tmp_path / "study" / "seed-0" / cell).iterdir()}
         assert "results.json" in files and not any(f.endswith(".safetensors") for f in files)
     table = (tmp_path / "study" / "lr.md").read_text()
-    assert "| a |" in table and "| b |" in table and (tmp_path / "study" / "lr.png").stat().st_size > 0
-    assert (tmp_path / "study" / "lr-a.png").stat().st_size > 0  # a sweep: each row's curves against steps
+    assert "| a |" in table and "| b |" in table
 
 
 def test_fsdp2_plugin_reduces_gradients_in_fp32(real_inputs):
@@ -1469,8 +1499,8 @@ def test_whole_run_on_two_cpu_processes(tmp_path):
 # Evidence, like the benchmark below (on the same speed_data() and mfu()): the real model's layer shape through
 # the file's train() and generate() on one GPU, measured against the dry run's memory plan.
 def gpu_check(cfg, layers=4, steps=10, shape=None, require_cuda=True):
-    """A random student of Qwen3-30B-A3B's shape, `layers` decoder layers, through R.train(), R.generate()
-    (vLLM when installed), save/load under bf16-mixed: tokens/s, MFU, peak memory against R.memory_plan()
+    """A random student of Qwen3-30B-A3B's shape, `layers` decoder layers, through R.train(), R.generate(),
+    save/load under bf16-mixed: tokens/s, MFU, peak memory against R.memory_plan()
     (on a CPU, the peak resident memory). `shape` shrinks the model (the CPU test)."""
     import psutil
     from accelerate import Accelerator
