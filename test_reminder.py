@@ -867,6 +867,21 @@ def test_unwritable_out_fails_fast():
     assert proc.returncode != 0 and "cannot write" in proc.stderr
 
 
+def test_the_docstrings_commands_parse_and_its_launch_is_the_readmes_recipe():
+    """The --help epilog's commands are right when copied: each parses and passes the settings checks, and the
+    research's launch carries exactly the README's RECIPE."""
+    import shlex
+    block = R.__doc__.split("\n\n")[2].replace("\\\n", " ")
+    cmds = [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.split("#")[0].strip()]
+    flags = [c[c.index("reminder.py") + 1:] if "reminder.py" in c else c[2:] for c in cmds]
+    assert len(flags) == 4 and cmds[-1][:2] == ["accelerate", "launch"]
+    for f in flags:
+        R.check_settings(R.parse_config(f))
+    readme = open(os.path.join(HERE, "README.md")).read()
+    recipe = shlex.split(re.search(r"RECIPE=\((.*?)\)", readme, re.S).group(1))
+    assert R.parse_config(flags[-1]) == R.parse_config(recipe)
+
+
 def test_every_flag_that_changes_a_number_is_in_a_fingerprint():
     """A flag that changes results must be some stage's setting, or two runs could share a folder. The flags
     that change no number are pinned here: moving a flag into that list is a visible, reviewed edit."""
@@ -1507,7 +1522,7 @@ def gpu_check(cfg, layers=4, steps=10, shape=None, require_cuda=True):
     from transformers import AutoConfig, AutoModelForCausalLM
     cuda = torch.cuda.is_available()
     R.need(cuda or not require_cuda, f"the GPU check needs a CUDA GPU, and torch {torch.__version__} sees none: run it on "
-                                   f"the GPU machine after installing torch's CUDA build (README: Install for GPUs)")
+                                   f"the GPU machine after installing torch's CUDA build (README: Install)")
     os.makedirs(cfg.out, exist_ok=True)
     kw = {**R.REAL_CONFIGS["Qwen/Qwen3-30B-A3B"], "num_hidden_layers": layers, **(shape or {})}
     kind = kw.pop("model_type")
