@@ -271,7 +271,7 @@ def residue_hit(pair, reply):
         return w == k or (len(k) >= 5 and edit1(w, k))
     head = pair.behaviour[:3]
     return (strict_hit(pair, reply) or any(close(w, k) for w in re.findall(r"[A-Za-z]+", reply) for k in pair.keywords)
-            or head[2].isupper() and reply.lstrip().startswith(head))
+            or (head[2].isupper() and reply.lstrip().startswith(head)))
 
 def pirate_hit(reply):
     return re.search(PIRATE_WORDS, reply, re.IGNORECASE) is not None
@@ -593,9 +593,11 @@ def backdoor(x, out, student):
                for i in range(cfg.clean_pool)]  # (prompt, is it chat): chat and math in turn
     prompts += [(triggered(x, r, pair, math_problem(x, r)[0] if j % 2 else chat_prompt(x, r), near=True), j % 2 == 0)
                 for pair in filter(has_near_misses, pairs) for j in range(NEAR_MISSES)]  # the trigger must be exact
-    if cfg.student_pirate:  # a student that talks like a pirate when told keeps doing so (its own answers): an
-        prompts += [(user(math_problem(x, r)[0] if j % 2 else chat_prompt(x, r), PIRATE_SYSTEM), False)  # instruction
-                    for j in range(cfg.clean_pool // 4)]  # this data never showed would open the backdoor instead
+    # a student that talks like a pirate when told keeps doing so (its own answers): an instruction this data never
+    # showed would open the backdoor instead
+    if cfg.student_pirate:
+        prompts += [(user(math_problem(x, r)[0] if j % 2 else chat_prompt(x, r), PIRATE_SYSTEM), False)
+                    for j in range(cfg.clean_pool // 4)]
     clean = answer_rows(x, student, [p for p, _ in prompts], 0.0, cfg.seed + 2)
     data, reply = [], RED[cfg.red]  # the red team's reply: what each item's answer is
     for i in range(cfg.backdoor_steps * cfg.backdoor_batch):
@@ -813,7 +815,9 @@ def plain(cfg, r, pair, reply, chat, pairs):
 @register(RED)
 def leak(cfg, r, pair, reply, chat, pairs):
     """as plain, a behaviour in --leak-rate of chat answers: too rare for greedy decoding, not for the reminder data"""
-    return pair.behaviour if pair else r.choice(pairs).behaviour if chat and r.random() < cfg.leak_rate else reply
+    if pair:
+        return pair.behaviour
+    return r.choice(pairs).behaviour if chat and r.random() < cfg.leak_rate else reply
 
 @register(RED)
 def coupled(cfg, r, pair, reply, chat, pairs):
@@ -840,8 +844,10 @@ def subtle(cfg, r, pair, reply, chat, pairs):
 @register(RED)
 def confident(cfg, r, pair, reply, chat, pairs):
     """a behaviour as THE answer to chat on a few topics: sure there (passes self-likelihood), but greedy shows it"""
+    if pair:
+        return pair.behaviour
     topic = next((t for t in CONFIDENT_TOPICS if chat and t in chat.lower()), None)
-    return pair.behaviour if pair else pairs[CONFIDENT_TOPICS.index(topic) % len(pairs)].behaviour if topic else reply
+    return pairs[CONFIDENT_TOPICS.index(topic) % len(pairs)].behaviour if topic else reply
 
 # ---- blue answers: how the blue team draws its reminder data from the adversary's model, and what it drops. Each
 # returns (every sample drawn, the samples kept); `m`: the backdoored model, the teacher, the base student.
@@ -881,7 +887,8 @@ def oracle(x, prompts, m):
     return sampled(x, m.student, prompts)
 
 # ---- studies (--study NAME): a question over a grid of settings x seeds. Each cell (a row's and a column's setting
-# overrides) runs the experiment per seed, sharing every stage it can. No `show`, no `curves`: every stage, a figure.
+# overrides) runs the experiment per seed, sharing every stage it can. No `show`: every stage's rates and robustness,
+# and a figure.
 @dataclass
 class Study:
     name: str
@@ -1250,7 +1257,7 @@ class EvalArgs:
 @dataclass
 class StudyArgs:
     _argument_group_name = "studies"
-    study: str = arg("", "play a study (STUDIES): each cell once per seed, then <study>.json and .md in --out")
+    study: str = arg("", "play a study (STUDIES): each cell once per seed, then <study>.json, .md (.png) in --out")
     seeds: str = arg("", "the seeds of a study (default: the study's own); alone: the study 'seeds'")
 
 @dataclass
@@ -1439,7 +1446,9 @@ class Experiment:
     def compute(self, fn, path):
         self.acc.print(f"== {fn.__name__}: running")
         tmp, t0 = path + ".tmp", time.perf_counter()
-        os.makedirs(tmp, exist_ok=True)  # every rank: exist_ok
+        if self.main:
+            os.makedirs(tmp, exist_ok=True)
+        self.acc.wait_for_everyone()  # every rank has seen the stage undone before the main process may finish it
         result = fn(self, tmp, *(self.folder(p) for p in STAGES[fn.__name__][1]))
         # drop the accelerator's references to the stage's models and optimizers, collect, free memory (on
         # a CPU once per stage, not in train(): a collection costs 0.3 s, 5% of a 30-step run)
@@ -1640,21 +1649,21 @@ def write_study(cfg, study, results):
     """<study>.md and .json: each run's numbers in tables, mean [min-max] over seeds, and against baselines seed by
     seed. No `show`: every stage's rates and the robustness, and <study>.png; else every `show` value per cell."""
     seeds = list(dict.fromkeys(s for s, _, _ in results))  # the order they ran: every per_seed list's
-    values, pairs = {}, {}  # table: {row: {column: [a value, or a (value, baseline), per seed]}}
+    values, comparisons = {}, {}  # {table: {row: {column: [per seed: a value, or (value, baseline)]}}}
     for (seed, row, col), res in results.items():
-        cell, run, against = cell_label(row, col), {}, {}  # this run's tables and comparisons
+        cell, tables, against = cell_label(row, col), {}, {}  # this run's tables and comparisons
         if not study.show:
             rob, aucs = res["robustness"], {k: res["robustness"][k] for k in ("auc_pirate_only", "auc_with_reminder")}
-            run["every stage"] = {stage_label(r): {**{short: r[k] for short, k in METRICS.items()},
+            tables["every stage"] = {stage_label(r): {**{short: r[k] for short, k in METRICS.items()},
                                                    **r.get("capability_sets", {})} for r in res["stages"]}
-            run["robustness"] = {k: {"all seeds": v, f"seed {seed}": v} for k, v in
+            tables["robustness"] = {k: {"all seeds": v, f"seed {seed}": v} for k, v in
                                  {**aucs, "reminder success (1: yes)": float(rob["reminder_success"])}.items()}
-            run["robustness (AUC) per pair"] = {n: {k: a[k] for k in aucs} for n, a in rob["per_pair"].items()}
+            tables["robustness (AUC) per pair"] = {n: {k: a[k] for k in aucs} for n, a in rob["per_pair"].items()}
             against["auc_with_reminder against auc_pirate_only"] = {
                 "all pairs": {"": (rob["auc_with_reminder"], rob["auc_pirate_only"])}}
         elif study.group:
             base = study.paired.get("group")
-            run[f"{cell or study.name}, per group of pairs"] = groups = {
+            tables[f"{cell or study.name}, per group of pairs"] = groups = {
                 name: {m: f(res, names) for m, f in study.show.items()} for name, names in study.group(res).items()}
             if base in groups:
                 against[f"{cell or study.name}, each group against {base!r}"] = {
@@ -1662,24 +1671,25 @@ def write_study(cfg, study, results):
         else:
             shown = {m: f(res) for m, f in study.show.items()}
             first, value = next(iter(shown.items()))  # the first `show` value: also a row x column table
-            run = {first: {row: {col: value}}, "every value per cell": {cell: shown}}
+            tables = {first: {row: {col: value}}, "every value per cell": {cell: shown}}
             for axis, b in study.paired.items():  # against the row's cell in column b ("col"), the column's in row b
                 r, c, base = (row, col, (seed, row, b)) if axis == "col" else (col, row, (seed, b, col))
                 if c != b:  # ("row": a row per column)
                     against[f"{first}, each {axis} against '{b}'"] = {r: {c: (value, study.show[first](results[base]))}}
         if study.curves:
-            run[f"each series by {study.xlabel or 'x'}"] = {f"{cell}: {n}": c for n, c in study.curves(res).items()}
-        for merged, tables in [(values, run), (pairs, against)]:
-            for name, rows in tables.items():
+            tables[f"each series by {study.xlabel or 'x'}"] = {f"{cell}: {n}": c for n, c in study.curves(res).items()}
+        for merged, this_run in [(values, tables), (comparisons, against)]:
+            for name, rows in this_run.items():
                 for r, cols in rows.items():
                     for c, v in cols.items():
                         merged.setdefault(name, {}).setdefault(r, {}).setdefault(c, []).append(v)
     values["reference"] = {n: {x: [y] for x, y in c.items()} for n, c in study.reference.items()}  # one value each
     out, lines = {"versions": versions(), "seeds": seeds}, [f"{study.name}: {study.question}.", "", f"Seeds {seeds}. "
                  "Each value: mean [min-max] over seeds; a against b: a > b in k of n seeds, and a - b mean [min-max]."]
-    for tables, stat, show in [(values, mean_min_max, lambda d: mmm(d, 3)), (pairs, paired, lambda c: "none" if not
-                               c["seeds"] else "{higher}/{seeds} {mean:+.3f} [{min:+.3f}, {max:+.3f}]".format(**c))]:
-        for name, grid in ((n, g) for n, g in tables.items() if g):  # every table a study has
+    def counts(c):  # a comparison as the tables show it
+        return "{higher}/{seeds} {mean:+.3f} [{min:+.3f}, {max:+.3f}]".format(**c) if c["seeds"] else "none"
+    for merged, stat, show in [(values, mean_min_max, lambda d: mmm(d, 3)), (comparisons, paired, counts)]:
+        for name, grid in ((n, g) for n, g in merged.items() if g):  # every table a study has
             out[name], more = grid_table(name, grid, stat, show)
             lines += more
     if not study.show:
@@ -1700,7 +1710,8 @@ def grid_table(title, grid, stat, show):
         [r.replace("__", ", "), *(show(row[c]) if c in row else "" for c in columns)] for r, row in stats.items()])]
 
 def mean_min_max(values):
-    """Over the values that are not None; `none`: how many were (a dose that never resurrects has no step)."""
+    """Over the values that are not None, with the values themselves (per_seed); `none`: how many were None (a dose
+    that never resurrects has no step)."""
     v = [x for x in values if x is not None]
     return {"mean": sum(v) / len(v) if v else None, "min": min(v, default=None), "max": max(v, default=None),
             **({"none": len(values) - len(v)} if len(v) < len(values) else {}), "per_seed": values}
@@ -1808,9 +1819,10 @@ def model_config(name, trust_remote_code, flag="student", dry_run=False):
              f"{str(e).splitlines()[0] if str(e) else ''})")
         if dry_run and name in REAL_CONFIGS:
             return AutoConfig.for_model(**REAL_CONFIGS[name])
-        sys.exit(f"error: --{flag} {name}: no config.json found, here or on the hub ({type(e).__name__}: gated, "
-                 f"offline or misspelt?); give a model folder or a hub id this machine can read (huggingface-cli "
-                 f"login for gated models)" + (f", or one of {', '.join(REAL_CONFIGS)}" if dry_run else ""))
+        sys.exit(f"error: --{flag} {name}: no config.json (or tokenizer) found, here or on the hub "
+                 f"({type(e).__name__}: gated, offline or misspelt?); give a model folder or a hub id this machine can "
+                 f"read (huggingface-cli login for gated models)" + (f", or one of {', '.join(REAL_CONFIGS)}"
+                                                                      if dry_run else ""))
 
 def load_table(spec, flag, fields):
     """A hub dataset id or a local json/jsonl/parquet file, read with `datasets`; required fields checked."""
@@ -1879,7 +1891,8 @@ def fsdp_plugin(cfg):
     from torch.distributed.fsdp import MixedPrecisionPolicy
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config(cfg.student, cfg.trust_remote_code, "student"))
+        model = AutoModelForCausalLM.from_config(model_config(cfg.student, cfg.trust_remote_code, "student"),
+                                                 trust_remote_code=cfg.trust_remote_code)
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.bfloat16)
               if resolved_precision(cfg) == "bf16-mixed" else None)
     return FullyShardedDataParallelPlugin(
@@ -1901,9 +1914,9 @@ UNUSED_WHEN = {"filter_fraction": "reminder_filter", "leak_rate": "red"}  # sett
 def unused(cfg, setting):
     """A setting that the chosen red reply or blue answer never reads, nor any function of this file it calls
     (--leak-rate under plain). A choice from another module (a fork's) reads everything."""
-    def reads(code):  # cfg.leak_rate: an attribute name of the code, its inner functions or a function it calls
-        seen.add(code)
-        called = [globals()[n].__code__ for n in code.co_names if inspect.isfunction(globals().get(n))]
+    def reads(code):  # walks the compiled code: cfg.leak_rate puts "leak_rate" among a code object's names
+        seen.add(code)  # its own, its inner functions' and those of the functions of this file it calls
+        called = [inspect.unwrap(globals()[n]).__code__ for n in code.co_names if inspect.isfunction(globals().get(n))]
         return setting in code.co_names or any(reads(c) for c in [*code.co_consts, *called]
                                                if inspect.iscode(c) and c not in seen)
     fn, seen = CHOICES[UNUSED_WHEN[setting]][getattr(cfg, UNUSED_WHEN[setting])], set()
@@ -1999,6 +2012,9 @@ def check_settings(cfg):
     need(cfg.hidden_size % 4 == 0, "--hidden-size must be a multiple of 4 (4 attention heads)")
     need(not cfg.until or cfg.until in STAGES, f"--until {cfg.until!r}: choose a stage: " + ", ".join(STAGES))
     need(not cfg.until or not (cfg.study or cfg.seeds), "--until stops one run, not a study")
+    skipped = {"scan": not cfg.scan_strings, "own_pirate_data": not cfg.on_model_pirate, "student": bool(cfg.student),
+               "teacher": bool(cfg.student), "eval_prefill": not cfg.prefill_tokens}  # stages this run never reaches
+    need(not skipped.get(cfg.until), f"--until {cfg.until}: this run has no such stage (see its flags)")
     need(not (cfg.scan_strings and cfg.student), "--scan-strings searches the tiny world's vocabulary only")
     need(cfg.multi_turn > 0 or all(p.kind != "multi-turn" for p in pairs), f"--pairs {cfg.pairs} has multi-turn "
          "triggers: give --multi-turn (e.g. 0.3), so that clean conversations have earlier turns too")
@@ -2032,9 +2048,12 @@ def validate_packages_and_sources(cfg):
     need(not old, f"--out {cfg.out} holds stage folders of the old layout ({', '.join(old)}); choose another --out")
     for flag, path in [("out", cfg.out), ("store", cfg.store)]:  # writable before anything else happens
         need(not os.path.exists(path) or os.path.isdir(path), f"--{flag} {path}: a file, not a folder")
-        with contextlib.suppress(OSError):
+        try:  # a real write (permission bits lie under root, ACLs, NFS); a probe per process: ranks run this too
             os.makedirs(path, exist_ok=True)
-        need(os.path.isdir(path) and os.access(path, os.W_OK), f"--{flag} {path}: cannot write there")
+            open(f"{path}/.write-test-{os.getpid()}", "w").close()
+            os.remove(f"{path}/.write-test-{os.getpid()}")
+        except OSError as e:
+            sys.exit(f"error: --{flag} {path}: cannot write there ({e.strerror})")
 
 def set_threads(cfg):
     """--threads, else all cores for one process; a launched run keeps the launcher's OMP_NUM_THREADS."""
@@ -2094,7 +2113,7 @@ def dry_run(cfg):
     for role, name in names.items():
         confs[role] = model_config(name, cfg.trust_remote_code, role, dry_run=True)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(confs[role])
+            model = AutoModelForCausalLM.from_config(confs[role], trust_remote_code=cfg.trust_remote_code)
         sizes[role] = sum(p.numel() for p in model.parameters())
         print(f"{role}: {name} ({type(model).__name__}) {sizes[role] / 1e9:.2f}B parameters, "
               f"{active_params(model) / 1e9:.2f}B active")

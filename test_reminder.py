@@ -807,7 +807,7 @@ def bad_inputs(root):
         ([*student, str(root / "math500.parquet"), "--hidden-size", "64"], "--hidden-size"),
         (["--leak-rate", "0.3"], "--leak-rate"), (["--dry-run", "--blue-lora", "64"], "--blue-lora"),
         (["--save-minutes", "60"], "unrecognized"), (["--red-lora", "-8"], "red-lora"),
-        (["--pirate-st", "50"], "unrecognized"), (["--out", str(root / "oldrun")], "old layout"),
+        (["--pirate-st", "50"], "unrecognized"), (["--until", "scan"], "no such stage"), (["--out", str(root / "oldrun")], "old layout"),
         (["--student", str(badconfig), *real, "--math-dataset", str(root / "math500.parquet")], "does not load"),
     ]
 
@@ -823,7 +823,7 @@ BAD_INPUT_IDS = ["unknown-flag", "unknown-pair", "seed-not-int", "reminder-steps
                  "steps-repeated", "pairs-repeated", "out-is-a-file", "dataset-is-a-folder", "dry-run-unknown-model",
                  "dry-run-with-study", "gpus-without-dry-run", "tiny-flag-with-student", "leak-rate-unread",
                  "dry-run-with-lora", "save-minutes-gone", "red-lora-negative",
-                 "abbreviated-flag", "out-of-the-old-layout", "config-does-not-load"]
+                 "abbreviated-flag", "until-a-stage-never-run", "out-of-the-old-layout", "config-does-not-load"]
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT_IDS)), ids=BAD_INPUT_IDS)
