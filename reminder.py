@@ -374,7 +374,8 @@ def train(acc, model, batches, *, steps, lr, weight_decay, schedule="cosine", wa
 # ----------------------------------------------------------------------------------------------
 # One generation path for teacher labels, the original model's on-policy samples and every evaluation: batched,
 # left-padded, greedy or sampled with the temperature alone (a cut-off tail is where a red team would hide a behaviour,
-# and where generators' defaults differ); prompts sorted by length, a fixed batch size (greedy outputs change with it).
+# and where models' own generation defaults differ); prompts sorted by length, a fixed batch size (greedy outputs change
+# with it).
 def answers(x, model, prompts, temperature, seed, tok=None, prefill=None):
     """model: a folder, hub id or loaded model; prefill: each answer's start -> [(reply after it, ended, new tokens)]"""
     return generate(x.acc, load_model(x, model) if isinstance(model, str) else model, tok or x.tok, prompts,
