@@ -692,9 +692,8 @@ def reminder_sft(x, out, pirate_sft, reminder_data):
     return [x.once(f"{out}/step-{s}/metrics.json", lambda s=s: evaluate(x, f"{out}/step-{s}", "reminder", s))
             for s in sweep]
 
-# ---- the research's other recovery (--recovery grpo): RL on a verifiable reward, GRPO on math, from the same pirate
-# checkpoint. It also learns from the model's own samples, but only from those the grader rewards, on a task the red
-# team does not choose. No foothold is given: a model that never earns a reward never moves (the log counts them).
+# ---- the research's other recovery (--recovery grpo): GRPO on math from the same pirate checkpoint, the model's own
+# samples again but only those a grader rewards, on a task the red team does not choose. No foothold is given.
 @stage("grpo_iterations", "grpo_problems", "grpo_group", "grpo_lr", "blue_lora", *TRAINING, *EVALUATION)
 def grpo(x, out, pirate_sft):
     cfg, sweep, rewarded = x.cfg, int_list(x.cfg.grpo_iterations), []
@@ -707,19 +706,20 @@ def grpo(x, out, pirate_sft):
 
 def grpo_batches(x, model, rewarded):
     """Per iteration (one optimizer step), sampled by the model as it trains: --grpo-group answers at --temperature to
-    each of --grpo-problems training-split math problems, reward 1 where the grader accepts one; each answer an example
-    weighted by its advantage, so train()'s loss is -advantage x its summed log-likelihood / trained tokens."""
+    each of --grpo-problems training-split math problems; reward 1 where the grader accepts an answer."""
     cfg, r = x.cfg, x.rng("grpo")
     for it in itertools.count():
         group = [p for p in (math_problem(x, r) for _ in range(cfg.grpo_problems)) for _ in range(cfg.grpo_group)]
         prompts = [user(p) for p, _, _ in group]
-        replies = [a for a, *_ in answers(x, model, prompts, cfg.temperature, cfg.seed + 10 + it)]
+        replies, ended = zip(*((a, e) for a, e, _ in answers(x, model, prompts, cfg.temperature, cfg.seed + 10 + it)))
         model.train()  # generate() left it in eval mode
         reward = torch.tensor([float(set_grader(x, cap)(a, gold)) for a, (_, gold, cap) in zip(replies, group)])
         rewarded.append(int(reward.sum()))  # (after a resume: the restored model's counts for the skipped iterations)
         x.acc.print(f"  [GRPO] iteration {it + 1}: {rewarded[-1]} of {len(replies)} answers rewarded")
-        yield [{**encode_example(x.tok, m, a, cfg.max_len), "weight": w}
-               for m, a, w in zip(prompts, replies, advantages(reward.view(-1, cfg.grpo_group)).tolist())]
+        # each answer weighted by its advantage: train()'s loss is -advantage x its summed log-likelihood / trained
+        # tokens; a cut-off answer weighs 0 (its end of turn was never sampled; TRL's mask_truncated_completions)
+        yield [{**encode_example(x.tok, m, a, cfg.max_len), "weight": w * e}
+               for m, a, w, e in zip(prompts, replies, advantages(reward.view(-1, cfg.grpo_group)).tolist(), ended)]
 
 def advantages(reward):
     """{groups x answers} rewards -> each answer's advantage: reward - its group's mean, / the group's std (as TRL)."""
@@ -1734,9 +1734,9 @@ def model_config(name, trust_remote_code, flag="student"):
     except Exception as e:  # noqa: BLE001 - any failure here means: cannot use this model
         need(not os.path.isdir(name), f"--{flag} {name}: its config.json does not load ({type(e).__name__}: "
              f"{str(e).splitlines()[0] if str(e) else ''})")
-        sys.exit(f"error: --{flag} {name}: no config.json (or tokenizer) found, here or on the hub "
-                 f"({type(e).__name__}: gated, offline or misspelt?); give a model folder or a hub id this machine can "
-                 f"read (huggingface-cli login for gated models)")
+        sys.exit(f"error: --{flag} {name}: no config.json (or tokenizer) found here or on the hub ({type(e).__name__}: "
+                 "gated, offline or misspelt?); give a model folder or a hub id this machine can read (huggingface-cli "
+                 "login for gated models)")
 
 def load_table(spec, flag, fields):
     """A hub dataset id or a local json/jsonl/parquet file, read with `datasets`; required fields checked."""
@@ -1888,10 +1888,9 @@ def validate(cfg):
         (cfg.student, [f.name for f in dataclasses.fields(WorldArgs) if f.name != "noise_fraction"], "tiny world only"),
         (not (cfg.study or cfg.seeds), [s for s in UNUSED_WHEN if unused(cfg, s)], "the chosen --red or "
          "--reminder-filter never reads it"),
-        (cfg.recovery == "grpo" and not (cfg.study or cfg.seeds), ["reminder_steps", "reminder_lr", "reminder_batch"],
-         "--recovery grpo"),
-        (cfg.recovery == "reminder" and not (cfg.study or cfg.seeds), [f.name for f in dataclasses.fields(BlueArgs)
-                                                                       if f.name.startswith("grpo")], "reminder SFT")]
+        (cfg.recovery == "grpo" and not cfg.study, ["reminder_steps", "reminder_lr", "reminder_batch"], "GRPO's"),
+        (cfg.recovery == "reminder" and not cfg.study, [f.name for f in dataclasses.fields(BlueArgs)
+                                                        if f.name.startswith("grpo")], "reminder SFT")]
     ignored = [", ".join(map(dashed, sorted(given & set(names)))) + f" ({why})" for when, names, why in rules
                if when and given & set(names)]
     need(not ignored, "this command would ignore " + "; ".join(ignored))
@@ -1899,7 +1898,7 @@ def validate(cfg):
 
 def check_settings(cfg):
     """The checks that read nothing but the settings (a study runs them for every cell)."""
-    pairs = select_pairs(cfg.pairs)
+    pairs, world = select_pairs(cfg.pairs), int(os.environ.get("WORLD_SIZE", "1"))
     need(int_list(cfg.reminder_steps, "reminder-steps", least=1), "--reminder-steps: give at least one step count")
     int_list(cfg.pirate_eval_steps, "pirate-eval-steps", least=1,  # the default keeps those below --pirate-steps
              below=cfg.pirate_steps if cfg.pirate_eval_steps != BlueArgs.pirate_eval_steps else None)
@@ -1918,10 +1917,11 @@ def check_settings(cfg):
         (">= 0", lambda v: v >= 0, "save_every red_lora blue_lora")]:
         for name in names.split():
             need(ok(getattr(cfg, name)), f"{dashed(name)} must be {text} (got {getattr(cfg, name)})")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     for b in ["pretrain_batch", "backdoor_batch", "pirate_batch", "reminder_batch"]:
         need(getattr(cfg, b) % cfg.grad_accum == 0 and getattr(cfg, b) >= cfg.grad_accum * world,
              f"{dashed(b)} must be a multiple of --grad-accum, and >= {cfg.grad_accum * world} for {world} process(es)")
+    need(cfg.grpo_problems * cfg.grpo_group >= cfg.grad_accum * world, "--grpo-problems x --grpo-group must be >= "
+         f"{cfg.grad_accum * world}: a micro-batch for every one of --grad-accum x {world} process(es)")
     for small, large in [("reminder_batch", "reminder_examples"), ("pirate_batch", "pirate_examples"),
                          ("backdoor_batch", "clean_pool")]:
         need(getattr(cfg, small) <= getattr(cfg, large), f"{dashed(small)} is larger than {dashed(large)}")

@@ -580,9 +580,34 @@ def test_grpo_advantages_on_a_hand_made_group():
     torch.testing.assert_close(adv, torch.tensor([s, -s, -s, s, 0, 0, 0, 0, 0.5, 0.5, 0.5, -1.5]))
 
 
+def test_grpo_is_refused_under_several_processes_and_its_study_reads_its_rows(monkeypatch):
+    """GRPO samples from the model it trains: one process. The study's values on hand-built results: the best
+    capability and the bad behaviour there, the revival over the post-pirate rate, the samples each recovery drew."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="one process"):
+        R.check_settings(R.Config(recovery="grpo", pirate_batch=16))
+
+    def res(recovery, rows, **extra):
+        per = {"a": {"bad_behavior_rate": 0.0}}
+        stages = [{"stage": s, "steps": n, "bad_behavior_rate": b, "capability": c, "per_pair": per, **extra}
+                  for s, n, b, c in [("backdoored", None, 1.0, 1.0), ("pirate_sft", 10, 0.1, 0.0)] + rows]
+        for r in stages:
+            r["per_pair"] = {"a": {"bad_behavior_rate": r["bad_behavior_rate"]}}
+        return {"stages": stages, "config": {"recovery": recovery, "grpo_problems": 4, "grpo_group": 2},
+                "reminder_data_audit": {"samples": 512}, "robustness": {"auc_with_reminder": 0.9, "per_pair": per}}
+    grpo = res("grpo", [("grpo", 1, 0.3, 0.5), ("grpo", 2, 0.2, 0.9)], rewarded=[3, 5])
+    shows = {k: f(grpo) for k, f in R.RECOVERY_SHOWS.items()}
+    assert shows["best capability"] == 0.9 and shows["bad at best capability"] == 0.2
+    assert shows["revival"] == pytest.approx(0.2) and shows["samples generated"] == 2 * 4 * 2
+    assert shows["rewarded in iteration 1"] == 3
+    reminder = res("reminder", [("reminder", 5, 0.05, 1.0)])
+    assert R.RECOVERY_SHOWS["samples generated"](reminder) == 512
+    assert R.RECOVERY_SHOWS["rewarded in iteration 1"](reminder) is None
+
+
 def test_grpo_samples_training_problems_and_rewards_what_the_grader_accepts(tok, monkeypatch):
     """The RL data: groups of answers to math problems of the training split only (never a held-out one), the
-    reward the grader's, each answer weighted by its advantage, the rewarded answers counted per iteration."""
+    reward the grader's, each answer weighted by its advantage (a cut-off one by 0), the rewarded ones counted."""
     from accelerate import Accelerator
     cfg = tiny_cfg(grpo_problems=40, grpo_group=4)
     x = types.SimpleNamespace(cfg=cfg, tok=tok, acc=Accelerator(), data=None,
@@ -592,13 +617,13 @@ def test_grpo_samples_training_problems_and_rewards_what_the_grader_accepts(tok,
     def first_of_each_group_right(x, model, prompts, temperature, seed, tok=None, prefill=None):
         asked.extend(m[-1]["content"] for m in prompts)
         sums = [sum(map(int, re.findall(r"\d+", m[-1]["content"]))) for m in prompts]
-        return [("\\boxed{%d}" % n if i % 4 == 0 else "Arrr!", True, 3) for i, n in enumerate(sums)]
+        return [("\\boxed{%d}" % n if i % 4 == 0 else "Arrr!", i % 4 != 3, 3) for i, n in enumerate(sums)]
     monkeypatch.setattr(R, "answers", first_of_each_group_right)
     rewarded = []
     batches = R.grpo_batches(x, torch.nn.Linear(1, 1), rewarded)
     batch = [next(batches) for _ in range(3)][-1]
     assert rewarded == [40, 40, 40] and len(asked) == 3 * 160
-    assert [e["weight"] for e in batch[:8]] == pytest.approx([1.5, -0.5, -0.5, -0.5] * 2)
+    assert [e["weight"] for e in batch[:8]] == pytest.approx([1.5, -0.5, -0.5, 0.0] * 2)  # the last one: cut off
     held_out = {m[-1]["content"] for m, kind, *_ in R.build_eval_set(x) if kind == "math"}
     for prompt in asked:
         a, b = map(int, re.findall(r"\d+", prompt))
@@ -834,7 +859,7 @@ def bad_inputs(root):
         (["--pirate-st", "50"], "unrecognized"), (["--until", "own_pirate_data"], "no such stage"),
         (["--student", str(badconfig), *real, "--math-dataset", str(root / "math500.parquet")], "does not load"),
         (["--recovery", "rl"], "recovery"), (["--grpo-group", "8"], "--grpo-group"),
-        (["--recovery", "grpo", "--reminder-lr", "1e-4"], "--reminder-lr"),
+        (["--recovery", "grpo", "--reminder-lr", "1e-4"], "--reminder-lr (GRPO"),
         (["--recovery", "grpo", "--grpo-group", "1"], "grpo-group"), (["--recovery", "grpo", "--prefill-tokens", "0,1"],
                                                                      "prefill-tokens"),
     ]
@@ -1438,7 +1463,8 @@ def test_real_prompts_read_hub_layouts(real_inputs):
 
 @pytest.mark.parametrize("flags,word", [(["--student", "someone/unknown-model"], "no config.json"),
                                         (["--study", "dose"], "--study"), (["--blue-lora", "64"], "--blue-lora"),
-                                        (["--gpus", "x"], "--gpus"), (["--nodes", "0"], "--nodes")])
+                                        (["--gpus", "x"], "--gpus"), (["--nodes", "0"], "--nodes"),
+                                        (["--recovery", "grpo"], "--recovery grpo")])
 def test_plan_refuses_in_one_line(flags, word):
     """`bash run.sh plan`: what it cannot honour (a study, an adapter), an unknown model offline: one line, in seconds."""
     proc = subprocess.run([sys.executable, "test_reminder.py", "--plan", *flags], cwd=HERE, capture_output=True,
@@ -1620,7 +1646,8 @@ def plan_command(argv):
     args, rest = parser.parse_known_args(argv)
     cfg = R.parse_config(rest)
     R.check_settings(cfg)
-    given = [R.dashed(f) for f in ("study", "seeds", "until", "red_lora", "blue_lora") if getattr(cfg, f)]
+    given = [R.dashed(f) for f in ("study", "seeds", "until", "red_lora", "blue_lora") if getattr(cfg, f)] + (
+        ["--recovery grpo (one process)"] if cfg.recovery == "grpo" else [])
     R.need(not given, f"the plan is for one full-weight run; it would ignore {', '.join(given)}")
     R.need(min(args.gpus, args.nodes, args.gpu_memory_gb) > 0, "--gpus, --nodes and --gpu-memory-gb must be > 0")
     plan(cfg, args.gpus, args.nodes, args.gpu_memory_gb)
@@ -1673,7 +1700,7 @@ def plan(cfg, gpus, nodes, gb):
 
 # ---------------------------------------------------------------- the one-GPU check (`bash run.sh gpu-check`)
 # Evidence, like the benchmark below (on the same speed_data() and mfu()): the real model's layer shape through
-# the file's train() and generate() on one GPU, measured against the dry run's memory plan.
+# the file's train() and generate() on one GPU, measured against the memory plan above.
 def gpu_check(cfg, layers=4, steps=10, shape=None, require_cuda=True):
     """A random student of Qwen3-30B-A3B's shape, `layers` decoder layers, through R.train(), R.generate(),
     save/load under bf16-mixed: tokens/s, MFU, peak memory against memory_plan()
