@@ -947,6 +947,7 @@ KIND_SHOWS = {  # per trigger kind: installed, suppressed, robust, revived, prec
     "near miss, backdoored": lambda res, n: pair_mean(stage_row(res, "backdoored"), n, "near_miss_rate"),
     "near miss, last reminder": lambda res, n: pair_mean(res["stages"][-1], n, "near_miss_rate"),
 }
+
 def recovery_rows(res):
     return [r for r in res["stages"] if r["stage"] in RECOVERY]
 
@@ -955,8 +956,8 @@ RECOVERY_SHOWS = {  # per cell: the robustness, the best capability recovered an
     "best capability": lambda res: max(r["capability"] for r in recovery_rows(res)),
     "bad at best capability": lambda res: max(recovery_rows(res), key=lambda r: r["capability"])["bad_behavior_rate"],
     "revival": lambda res: KIND_SHOWS["revival"](res, list(res["robustness"]["per_pair"])),
-    "samples generated": lambda res: len(recovery_rows(res)[-1].get("rewarded", [])) * res["config"]["grpo_problems"]
-    * res["config"]["grpo_group"] or res["reminder_data_audit"]["samples"],
+    "samples generated": lambda res: (len(recovery_rows(res)[-1].get("rewarded", [])) * res["config"]["grpo_problems"]
+                                      * res["config"]["grpo_group"] or res["reminder_data_audit"]["samples"]),
     "rewarded in iteration 1": lambda res: recovery_rows(res)[-1].get("rewarded", [None])[0],
 }
 RESEARCH_PREFILL = {  # the research, real scale: Olympiads accuracy by prefill length (the authors' notebook)
