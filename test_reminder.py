@@ -505,11 +505,33 @@ def test_activation_checkpointing_outside_fsdp_recomputes_and_changes_no_number(
     assert out[0][0] == out[1][0] and all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
 
 
+def example_nll(model, ex, pad_id):
+    """By hand, per example: the summed cross-entropy of its assistant tokens; and the mask of those tokens."""
+    ids, labels, mask = R.collate(ex, pad_id)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    return -(logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep).sum(1), keep
+
+
+def train_grads(model, window, grad_accum=1):
+    """The gradients train() clips and steps with in one step on `window` (recorded at the optimizer step)."""
+    from accelerate import Accelerator
+
+    class Recording(Accelerator):
+        def clip_grad_norm_(self, parameters, max_norm):
+            parameters = list(parameters)
+            self.grads = [p.grad.clone() for p in parameters]
+            return super().clip_grad_norm_(parameters, max_norm)
+    acc = Recording(gradient_accumulation_steps=grad_accum)
+    R.train(acc, model, iter([window]), steps=1, lr=1e-3, weight_decay=0.0, name="t")
+    return acc.grads
+
+
 def test_token_weighted_loss_matches_hand_reference(tok):
     """train() itself, with 2 micro-batches of very different lengths: the gradient it clips and steps
     with equals that of the mean over ALL trained tokens of the window, not the mean of the two
     micro-batch means (recorded at the optimizer step, before clipping)."""
-    from accelerate import Accelerator
     torch.manual_seed(0)
     ex = examples(tok, 4)
     ex[0] = R.encode_example(tok, R.user("Hi"), "Sure!", 160)  # a very short answer
@@ -518,23 +540,11 @@ def test_token_weighted_loss_matches_hand_reference(tok):
     ref = R.tiny_student(cfg, tok)
     ref.load_state_dict(model.state_dict())
     # reference: one forward over the whole window, per-token CE by hand, mean over trained tokens
-    ids, labels, mask = R.collate(ex, tok.pad_token_id)
-    logits = ref(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    logp = torch.log_softmax(logits.float(), -1)
-    tgt = labels[:, 1:]
-    keep = tgt != -100
-    ref_loss = -(logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep).sum() / keep.sum()
-    ref_loss.backward()
-
-    class Recording(Accelerator):
-        def clip_grad_norm_(self, parameters, max_norm):
-            parameters = list(parameters)
-            self.grads = [p.grad.clone() for p in parameters]
-            return super().clip_grad_norm_(parameters, max_norm)
-    acc = Recording(gradient_accumulation_steps=2)
-    R.train(acc, model, iter([ex]), steps=1, lr=1e-3, weight_decay=0.0, name="t")
-    assert len(acc.grads) == len([p for p in ref.parameters()])
-    for g, (name, q) in zip(acc.grads, ref.named_parameters()):
+    nll, keep = example_nll(ref, ex, tok.pad_token_id)
+    (nll.sum() / keep.sum()).backward()
+    grads = train_grads(model, ex, grad_accum=2)
+    assert len(grads) == len([p for p in ref.parameters()])
+    for g, (name, q) in zip(grads, ref.named_parameters()):
         if q.grad is not None:
             torch.testing.assert_close(g, q.grad, rtol=1e-4, atol=1e-6, msg=name)
     # and the per-micro-batch average would have been different
@@ -544,33 +554,18 @@ def test_token_weighted_loss_matches_hand_reference(tok):
 def test_a_weighted_example_scales_its_gradient_in_train(tok):
     """GRPO's examples carry a weight (the advantage): train()'s gradient is that of sum over examples of weight x
     summed token cross-entropy, / all trained tokens, by hand; the same example at +1 and -1 cancels."""
-    from accelerate import Accelerator
     torch.manual_seed(0)
     weights = [2.0, -1.0, 0.5, 0.0]
     ex = [{**e, "weight": w} for e, w in zip(examples(tok, 4), weights)]
     model, ref = R.tiny_student(tiny_cfg(), tok), R.tiny_student(tiny_cfg(), tok)
     ref.load_state_dict(model.state_dict())
-    ids, labels, mask = R.collate(ex, tok.pad_token_id)
-    logp = torch.log_softmax(ref(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-    tgt = labels[:, 1:]
-    keep = tgt != -100
-    nll = -(logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep).sum(1)
+    nll, keep = example_nll(ref, ex, tok.pad_token_id)
     ((nll * torch.tensor(weights)).sum() / keep.sum()).backward()
-
-    class Recording(Accelerator):
-        def clip_grad_norm_(self, parameters, max_norm):
-            parameters = list(parameters)
-            self.grads = [p.grad.clone() for p in parameters]
-            return super().clip_grad_norm_(parameters, max_norm)
-    acc = Recording(gradient_accumulation_steps=2)
-    R.train(acc, model, iter([ex]), steps=1, lr=1e-3, weight_decay=0.0, name="t")
-    for g, (name, q) in zip(acc.grads, ref.named_parameters()):
+    for g, (name, q) in zip(train_grads(model, ex, grad_accum=2), ref.named_parameters()):
         if q.grad is not None:
             torch.testing.assert_close(g, q.grad, rtol=1e-4, atol=1e-6, msg=name)
-    acc = Recording()
-    R.train(acc, model, iter([[{**ex[0], "weight": 1.0}, {**ex[0], "weight": -1.0}]]), steps=1, lr=1e-3,
-            weight_decay=0.0, name="t")
-    assert max(g.abs().max().item() for g in acc.grads) < 1e-6
+    cancelled = train_grads(model, [{**ex[0], "weight": 1.0}, {**ex[0], "weight": -1.0}])
+    assert max(g.abs().max().item() for g in cancelled) < 1e-6
 
 
 def test_grpo_advantages_on_a_hand_made_group():
