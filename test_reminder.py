@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -704,6 +705,31 @@ def trained(tok):
     return model
 
 
+def test_the_experts_kernel_is_pinned_at_build_and_at_every_load(tok, tmp_path):
+    """transformers picks grouped_mm for a MoE model where torch has it and writes no choice into config.json, so a
+    load would take the library's pick: --experts is set at build and at every load (a Llama has none to set)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    default = Qwen3MoeForCausalLM(Qwen3MoeConfig(**R.tiny_shape(tiny_cfg(), tok), num_experts=4, num_experts_per_tok=2))
+    assert default.config._experts_implementation == R.Config.experts == "grouped_mm"  # the library's pick, pinned
+    torch.manual_seed(0)
+    model = R.tiny_student(tiny_cfg(experts="eager"), tok)
+    assert model.config._experts_implementation == "eager"
+    model.save_pretrained(tmp_path / "s")
+    R.tiny_teacher(tiny_cfg(), tok).save_pretrained(tmp_path / "t")
+    ids = torch.tensor([tok("Sure! 1+2=3")["input_ids"]])
+    logits = {}
+    for kernel in ("eager", "grouped_mm"):
+        x = types.SimpleNamespace(cfg=tiny_cfg(experts=kernel))
+        loaded = R.load_model(x, str(tmp_path / "s"))
+        assert loaded.config._experts_implementation == kernel
+        assert "experts_implementation" not in (tmp_path / "s" / "config.json").read_text()  # why every load pins it
+        logits[kernel] = loaded(ids).logits
+        R.load_model(x, str(tmp_path / "t"))  # a Llama: nothing to pin, no error
+    assert torch.allclose(logits["eager"], logits["grouped_mm"], atol=1e-5)  # the same sums in another order
+    fps = [R.fingerprints(tiny_cfg(experts=k))[0] for k in ("eager", "grouped_mm")]
+    assert all(fps[0][s] != fps[1][s] for s in R.STAGES)  # every stage inherits the kernel
+
+
 def test_batched_generation_equals_one_at_a_time(tok, trained):
     from accelerate import Accelerator
     model = trained
@@ -1279,6 +1305,28 @@ def test_the_command_validates_once_and_a_study_resets_nothing(tmp_path, monkeyp
     assert (cfg.seed, cfg.red, cfg.pirate_lr, cfg.threads) == (4, "plain", 2e-4, 1)
 
 
+def test_the_readme_study_plays_every_readme_study_with_its_flags_then_writes_their_tables(tmp_path, monkeypatch):
+    played = []
+    monkeypatch.setattr(R, "validate_packages_and_sources", lambda cfg: None)
+
+    def fake_study(cfg, study):
+        played.append((study.name, cfg.seeds, cfg.eval_math, cfg.reminder_steps, cfg.out, cfg.experts))
+        os.makedirs(cfg.out, exist_ok=True)
+        pathlib.Path(cfg.out, study.name + ".md").write_text(f"table of {study.name}\n")
+    monkeypatch.setattr(R, "run_study", fake_study)
+    R.cli(["--study", "readme", "--out", str(tmp_path), "--experts", "eager"])
+    assert [p[0] for p in played] == list(R.README_STUDIES) and {"seeds", "game", "recovery", "kinds"} <= set(R.STUDIES)
+    by = {p[0]: p[1:] for p in played}
+    assert by["seeds"][0] == "0,1,2,3,4,5,6,7,8,9" and by["dose"][0] == ""  # ten seeds for the headline, else its own
+    assert by["game"][1:3] == by["recovery"][1:3] == (50, "10,20,40") and by["dose"][1:3] == (100, "5,10,20,40,80")
+    assert all(out == str(tmp_path / name) and kernel == "eager" for name, (*_, out, kernel) in by.items())
+    md = (tmp_path / "readme.md").read_text()
+    assert all(f"## {n}: " in md and f"table of {n}" in md for n in R.README_STUDIES) and "'torch'" in md
+    played.clear()
+    R.cli(["--study", "readme", "--out", str(tmp_path), "--seeds", "3"])  # --seeds: the same seeds for every study
+    assert {p[1] for p in played} == {"3"}
+
+
 KILL_POINTS = [  # (a line printed in the middle of a stage, the stages finished by then)
     ("[pretrain student] step 24/40", ["tokenizer"]),
     ("[backdoor FWFT] step 12/20", ["tokenizer", "student", "teacher", "eval_base"]),
@@ -1487,7 +1535,7 @@ def test_plan_reports_qwen3_30b_a3b():
     for term in ["weights", "gradients", "AdamW moments", "AdamW foreach temporaries", "FSDP2 unsharded layers",
                  "reduce-scatter", "activations", "logits", "CUDA context"]:
         assert term in small, term
-    fits = dry("--gpus", "8", "--gpu-memory-gb", "141")
+    fits = dry("--gpus", "8", "--gpu-memory-gb", "141", "--eval-batch", "64")
     assert "fits: yes" in fits and "warning: --backdoor-steps 400" in fits and PLAN_CHECKED in fits
     assert "1.6 GB KV cache: --eval-batch 64 x 256 tokens" in fits  # 2 x 48 layers x 4 heads x 128 x 2 bytes a token
     assert "training state per save (fp32 weights + AdamW moments): 366 GB" in small  # 12 bytes x 30.53B
