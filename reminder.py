@@ -990,8 +990,7 @@ STUDIES = {s.name: s for s in [
     Study("recovery", "recovery the red team cannot write: reminder SFT against GRPO on math (RL on a verifiable "
           "reward), under red replies", rows={red: {"red": red} for red in ("plain", "leak", "coupled", "confident")},
           cols={"reminder": {}, "grpo": {"recovery": "grpo"}}, show=RECOVERY_SHOWS, paired={"col": "reminder"},
-          workers=2),
-]}
+          workers=2)]}
 # --study readme: every study the README reports, its section's flags, into --out/<study>; then readme.md, its tables.
 GAME_FORM = dict(eval_per_pair=8, eval_math=50, reminder_steps="10,20,40")  # the game's 125 runs at half the eval
 README_STUDIES = {"seeds": dict(seeds="0,1,2,3,4,5,6,7,8,9"), "prefill": {}, "dose": {}, "lora-blue": {},
@@ -1049,14 +1048,12 @@ def tiny_shape(cfg, tok):  # what the tiny student and teacher share
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
 
 def tiny_student(cfg, tok):
-    """Same class as Qwen3-30B-A3B (Qwen3MoeForCausalLM), ~0.55M parameters."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     return Qwen3MoeForCausalLM(Qwen3MoeConfig(  # router aux loss stays off, as in the research
         **tiny_shape(cfg, tok), moe_intermediate_size=cfg.hidden_size, num_experts=cfg.num_experts,
         num_experts_per_tok=cfg.experts_per_token, output_router_logits=False, experts_implementation=cfg.experts))
 
 def tiny_teacher(cfg, tok):
-    """A different architecture and different weights: the teacher is a Llama, like Llama-3.1-8B."""
     from transformers import LlamaConfig, LlamaForCausalLM
     return LlamaForCausalLM(LlamaConfig(**tiny_shape(cfg, tok)))
 
@@ -1449,7 +1446,8 @@ def run_study(cfg, study):
                 except RuntimeError as e:
                     sys.exit(str(e))
         else:
-            list(map(play_unit, units.values()))
+            for u in units.values():
+                play_unit(u)
         results = {k: read_json(os.path.join(c.out, "results.json")) for k, c in cells.items()}
         if is_main_process():
             write_study(cfg, study, results)
@@ -1795,7 +1793,8 @@ def make_accelerator(cfg):
     import accelerate
     cuda = torch.cuda.is_available()
     # 2 hours, not NCCL's default 10 minutes: at scale the other ranks wait while the main process writes 61 GB
-    return accelerate.Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+    return accelerate.Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum,
         kwargs_handlers=[accelerate.utils.InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2))],
         mixed_precision="bf16" if cuda and resolved_precision(cfg) == "bf16-mixed" else None,  # bf16 compute
         fsdp_plugin=fsdp_plugin(cfg) if cuda and cfg.student and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
@@ -1988,11 +1987,12 @@ def quiet_libraries():
     sys.stdout.reconfigure(line_buffering=True)
 
 def cli(argv=None):
-    """The command line: flags checked once, then a study or the experiment."""
     cfg = parse_config(argv)
     validate(cfg)
-    if cfg.study or cfg.seeds:
-        run_readme(cfg) if cfg.study == "readme" else run_study(cfg, STUDIES[cfg.study or "seeds"])
+    if cfg.study == "readme":
+        run_readme(cfg)
+    elif cfg.study or cfg.seeds:
+        run_study(cfg, STUDIES[cfg.study or "seeds"])
     else:
         run(cfg, checked=True)
 
